@@ -1,0 +1,304 @@
+"""Checkpoint I/O by Hugging Face parameter names: safetensors in (single or sharded), safetensors out.
+
+Reading is memory-mapped: each tensor is viewed straight from the mapped file, copied once into
+its parameter, and its pages are released (madvise DONTNEED), so peak RSS stays near the size of
+the weights rather than twice it.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import save_file
+
+from lmstack.config import ConfigError, ModelConfig
+from lmstack.model.transformer import Transformer
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded; the message names the file and tensor."""
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, cfg: ModelConfig | None = None) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return DTYPES.get(cfg.torch_dtype if cfg else "float32", torch.float32)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)} or 'auto'")
+    return DTYPES[dtype]
+
+
+# ------------------------------------------------------------------------------------------ reading
+def _read_header(path: Path, mm: mmap.mmap) -> tuple[dict, int]:
+    size = len(mm)
+    if size < 8:
+        raise CheckpointError(f"{path}: file is truncated ({size} bytes; not a safetensors file)")
+    (n,) = struct.unpack("<Q", mm[:8])
+    if 8 + n > size:
+        raise CheckpointError(f"{path}: header length {n} runs past the end of the file ({size} bytes): truncated")
+    try:
+        header = json.loads(mm[8: 8 + n])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (name, tensor view into the mapped file). Copy what you keep before the next item."""
+    path = Path(path)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mm:
+        header, base = _read_header(path, mm)
+        size = len(mm)
+        for name, info in header.items():
+            start, end = info["data_offsets"]
+            if base + end > size:
+                raise CheckpointError(
+                    f"{path}: tensor {name!r} needs bytes up to {base + end} but the file has {size}: truncated"
+                )
+            dtype = _ST_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+            shape = info["shape"]
+            n = 1
+            for s in shape:
+                n *= s
+            if n == 0:
+                yield name, torch.empty(shape, dtype=dtype)
+                continue
+            t = torch.frombuffer(mm, dtype=dtype, count=n, offset=base + start).view(shape)
+            yield name, t
+            del t
+            # Give back the pages of this tensor: we have copied it, and keeping them would double RSS.
+            page = mmap.PAGESIZE
+            lo = (base + start) // page * page
+            try:
+                mm.madvise(mmap.MADV_DONTNEED, lo, base + end - lo)
+            except (AttributeError, OSError, ValueError):
+                pass
+
+
+def checkpoint_files(model_dir: str | Path) -> list[Path]:
+    d = Path(model_dir)
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{index}: invalid index file ({e})") from None
+        files = sorted({d / f for f in weight_map.values()})
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{index}: shard {f.name} is missing")
+        return files
+    single = d / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if (d / "pytorch_model.bin").is_file():
+        raise CheckpointError(f"{d}: only pytorch_model.bin found; lmstack reads safetensors (re-save with "
+                              "safe_serialization=True)")
+    raise CheckpointError(f"{d}: no model.safetensors or model.safetensors.index.json")
+
+
+# ----------------------------------------------------------------------- HF name <-> lmstack name
+def _gpt2_to_canonical(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """GPT-2 stores Conv1D weights as (in, out) and fuses q|k|v; lmstack uses Llama names and Linear."""
+    name = name.removeprefix("transformer.")
+    if name.endswith((".attn.bias", ".attn.masked_bias")):
+        return []  # causal-mask buffers in old checkpoints
+    simple = {"wte.weight": "model.embed_tokens.weight", "wpe.weight": "model.embed_positions.weight",
+              "ln_f.weight": "model.norm.weight", "ln_f.bias": "model.norm.bias", "lm_head.weight": "lm_head.weight"}
+    if name in simple:
+        return [(simple[name], t)]
+    parts = name.split(".")  # h.{i}.{module...}
+    if parts[0] != "h":
+        return [(name, t)]
+    i, rest = parts[1], ".".join(parts[2:])
+    pre = f"model.layers.{i}."
+    ln = {"ln_1.weight": "input_layernorm.weight", "ln_1.bias": "input_layernorm.bias",
+          "ln_2.weight": "post_attention_layernorm.weight", "ln_2.bias": "post_attention_layernorm.bias"}
+    if rest in ln:
+        return [(pre + ln[rest], t)]
+    conv = {"attn.c_proj": "self_attn.o_proj", "mlp.c_fc": "mlp.up_proj", "mlp.c_proj": "mlp.down_proj"}
+    mod, kind = rest.rsplit(".", 1)
+    if mod in conv:
+        return [(pre + conv[mod] + "." + kind, t.t() if kind == "weight" else t)]
+    if mod == "attn.c_attn":
+        w = t.t() if kind == "weight" else t  # (3D, D) or (3D,)
+        q, k, v = w.chunk(3, dim=0)
+        return [(pre + f"self_attn.{p}_proj.{kind}", x) for p, x in zip("qkv", (q, k, v))]
+    return [(name, t)]
+
+
+def _canonical_to_gpt2(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    simple = {"model.embed_tokens.weight": "transformer.wte.weight", "model.embed_positions.weight": "transformer.wpe.weight",
+              "model.norm.weight": "transformer.ln_f.weight", "model.norm.bias": "transformer.ln_f.bias"}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in sd.items():
+        if name in simple:
+            out[simple[name]] = t
+            continue
+        if name == "lm_head.weight":
+            out[name] = t
+            continue
+        parts = name.split(".")
+        i, rest = parts[2], ".".join(parts[3:])
+        pre = f"transformer.h.{i}."
+        ln = {"input_layernorm": "ln_1", "post_attention_layernorm": "ln_2"}
+        mod, kind = rest.rsplit(".", 1)
+        if mod in ln:
+            out[pre + ln[mod] + "." + kind] = t
+        elif mod in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            qkv.setdefault(pre + "attn.c_attn." + kind, {})[mod[-6]] = t
+        else:
+            conv = {"self_attn.o_proj": "attn.c_proj", "mlp.up_proj": "mlp.c_fc", "mlp.down_proj": "mlp.c_proj"}
+            out[pre + conv[mod] + "." + kind] = t.t().contiguous() if kind == "weight" else t
+    for key, d in qkv.items():
+        w = torch.cat([d["q"], d["k"], d["v"]], dim=0)
+        out[key] = w.t().contiguous() if key.endswith("weight") else w
+    return out
+
+
+def _to_canonical(cfg: ModelConfig, name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    if cfg.model_type == "gpt2":
+        return _gpt2_to_canonical(name, t)
+    return [(name, t)]
+
+
+# ------------------------------------------------------------------------------------ load / save
+def load_state_dict_into(model: Transformer, files: list[Path], dtype: torch.dtype, strict: bool = True) -> None:
+    """Copies every tensor of `files` into `model` by name, checking names and shapes."""
+    cfg = model.config
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    seen: set[str] = set()
+    tied = cfg.tie_embeddings
+    for f in files:
+        for hf_name, t in iter_safetensors(f):
+            for name, tensor in _to_canonical(cfg, hf_name, t):
+                if name == "lm_head.weight" and tied:
+                    continue  # some tied checkpoints store a copy; the tied parameter is embed_tokens
+                p = params.get(name)
+                if p is None:
+                    if strict:
+                        raise CheckpointError(f"{f}: unexpected tensor {hf_name!r} for {cfg.architecture}")
+                    continue
+                if tuple(p.shape) != tuple(tensor.shape):
+                    raise CheckpointError(
+                        f"{f}: tensor {hf_name!r} has shape {tuple(tensor.shape)}, expected {tuple(p.shape)} "
+                        f"from config.json"
+                    )
+                with torch.no_grad():
+                    p.copy_(tensor.to(dtype) if p.is_floating_point() else tensor)
+                seen.add(name)
+    expected = {n for n, _ in model.named_parameters()}
+    if tied:
+        expected.discard("lm_head.weight")
+    missing = sorted(expected - seen)
+    if missing and strict:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise CheckpointError(f"{files[0].parent}: missing tensors ({len(missing)}): {shown}")
+
+
+def load_model(model_dir: str | Path, dtype: str | torch.dtype | None = "auto", device: str | torch.device = "cpu",
+               config: ModelConfig | None = None) -> Transformer:
+    """HF folder -> Transformer in eval mode. `dtype="auto"` keeps the checkpoint's torch_dtype."""
+    path = Path(model_dir)
+    if path.suffix == ".gguf":
+        from lmstack.gguf_io import load_gguf_model
+
+        model, _ = load_gguf_model(path, dtype)
+        return model.to(device)
+    cfg = config or ModelConfig.from_hf(path)
+    qcfg = _quantization_config(path)
+    if qcfg is not None:
+        from lmstack.model.quant import load_quantized
+
+        return load_quantized(path, cfg, resolve_dtype(dtype, cfg), qcfg).to(device).eval()
+    dt = resolve_dtype(dtype, cfg)
+    files = checkpoint_files(path)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device=device).to(dt)
+    if model.rotary is not None:  # non-persistent buffer: recompute rather than load
+        from lmstack.model.rope import RotaryEmbedding
+
+        model.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings).to(device)
+    if cfg.tie_embeddings and cfg.head == "lm":
+        model.lm_head.weight = model.model.embed_tokens.weight
+    load_state_dict_into(model, files, dt)
+    return model.eval()
+
+
+def _quantization_config(path: Path) -> dict | None:
+    try:
+        return json.loads((path / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError):
+        return None
+
+
+def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """state_dict under HF names (tied lm_head dropped, GPT-2 renamed and transposed)."""
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("rotary.")}
+    if model.config.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    if model.config.model_type == "gpt2":
+        sd = _canonical_to_gpt2(sd)
+    return sd
+
+
+def save_model(model: Transformer, out_dir: str | Path, max_shard_bytes: int = 2 * 1024**3,
+               dtype: torch.dtype | None = None) -> None:
+    """Writes config.json + model.safetensors (or shards + index) that transformers loads."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = hf_state_dict(model)
+    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
+          for k, v in sd.items()}
+    cfg = model.config
+    dt = next(iter(sd.values())).dtype
+    cfg = cfg.replace(torch_dtype={torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(dt, "float32"))
+    cfg.save(out)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in sd.items():
+        nbytes = v.numel() * v.element_size()
+        if size + nbytes > max_shard_bytes and shards[-1]:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    total = 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        for k, v in shard.items():
+            weight_map[k] = fname
+            total += v.numel() * v.element_size()
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
+
+
+def load_state_dict(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a folder (HF names), copied into memory."""
+    return {k: v.clone() for f in checkpoint_files(model_dir) for k, v in iter_safetensors(f)}
+
