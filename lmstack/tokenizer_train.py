@@ -227,11 +227,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        res = train_tokenizer(args.files, args.algo, args.vocab_size, args.out, split_digits=args.split_digits)
         heldout = [args.heldout] if args.heldout else list(args.files)
-        for f in heldout:
-            if not Path(f).is_file():
-                raise FileNotFoundError(f"held-out file {f} does not exist")
+        if args.heldout and not Path(args.heldout).is_file():  # fail before spending time on training
+            raise FileNotFoundError(f"held-out file {args.heldout} does not exist")
+        res = train_tokenizer(args.files, args.algo, args.vocab_size, args.out, split_digits=args.split_digits)
         lines = [line for line in _iter_lines(heldout) if line.strip()]
         ratio = compression(res.out_dir, lines)
     except (ValueError, FileNotFoundError, TokenizerError) as e:

@@ -185,3 +185,7 @@ def test_cli(tmp_path, corpus_file, capsys):
     bad = parser.parse_args(["tokenizer", "train", "--vocab-size", "10", "--out", str(tmp_path / "x"), corpus_file])
     assert run(bad) == 2
     assert "vocab_size=10" in capsys.readouterr().err
+    missing = parser.parse_args(["tokenizer", "train", "--vocab-size", "400", "--out", str(tmp_path / "y"),
+                                 "--heldout", str(tmp_path / "nope.txt"), corpus_file])
+    assert run(missing) == 2 and not (tmp_path / "y").exists()
+    assert "nope.txt" in capsys.readouterr().err
