@@ -154,3 +154,30 @@ def test_prompt_longer_than_context(tmp_path):
     model = load_model(tmp_path, dtype=torch.float32)
     with pytest.raises(ValueError, match="exceeds the model's context"):
         generate(model, [list(range(3, 60))], max_new_tokens=10)
+
+
+def test_loading_peak_rss_below_1_5x_weights(tmp_path):
+    """Memory-mapped loading: the process never holds the weights twice."""
+    import subprocess
+    import sys
+
+    from lmstack.model.transformer import Transformer
+
+    cfg = ModelConfig(model_type="llama", vocab_size=8000, hidden_size=512, intermediate_size=1376,
+                      num_layers=6, num_heads=8, num_kv_heads=8)
+    model = Transformer(cfg)
+    save_model(model, tmp_path)
+    size = (tmp_path / "model.safetensors").stat().st_size
+    del model
+    child = (
+        "import resource, sys, torch\n"
+        "from lmstack.model.loading import load_model\n"
+        "torch.zeros(1)\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        f"m = load_model({str(tmp_path)!r}, dtype=torch.float32)\n"
+        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print((peak - base) * 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True)
+    extra = int(out.stdout.strip().splitlines()[-1])
+    assert extra < 1.5 * size, f"loading {size / 2**20:.0f} MiB of weights raised peak RSS by {extra / 2**20:.0f} MiB"
