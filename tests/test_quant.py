@@ -1,0 +1,288 @@
+"""Weight-only quantization: error bounds derived per format, packing layouts, AWQ, model swap, folder I/O."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmstack.model.quant import (
+    NF4_CODEBOOK, Int4Linear, Int8Linear, NF4Linear, QuantError, dequantize_int4, dequantize_int8,
+    dequantize_nf4, int4_to_awq, nf4_absmax, pack_int4, quantize_int4, quantize_int8, quantize_nf4,
+    quantize_model, save_quantized, unpack_awq, unpack_int4,
+)
+
+
+def _w(n=64, k=256, seed=0):
+    torch.manual_seed(seed)
+    w = torch.randn(n, k)
+    w[3] += 5.0  # an all-positive-ish row: the asymmetric grid must still cover it
+    w[5, :64] = 0.0  # an all-zero group
+    return w
+
+
+# ------------------------------------------------------------------------------------ formats
+def test_int8_error_bound():
+    w = _w()
+    q, s = quantize_int8(w)
+    assert q.dtype == torch.int8 and s.shape == (64,)
+    err = (dequantize_int8(q, s) - w).abs()
+    # round-to-nearest on a grid of step s that spans [-max|w|, max|w|]: error <= s / 2 per element
+    assert (err <= s[:, None] / 2 + 1e-6).all()
+    assert int(q.abs().max()) == 127
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16])
+def test_int4_error_bound_and_packing(scale_dtype):
+    G = 64
+    w = _w()
+    q, s, z = quantize_int4(w, G, scale_dtype=scale_dtype)
+    assert q.dtype == torch.uint8 and int(q.max()) <= 15 and s.shape == (256 // G, 64) and z.shape == s.shape
+    step = s.float().t().repeat_interleave(G, dim=1)  # (N, K)
+    err = (dequantize_int4(q, s, z, G) - w).abs()
+    # grid (q - z) * s with q in [0, 15] covers [min(w, 0), max(w, 0)] of each group; a scale rounded
+    # to fp16 can shorten the grid by 15 * (relative rounding 2^-11) steps at the ends.
+    slack = 15 * 2.0 ** -11 if scale_dtype == torch.float16 else 1e-5
+    assert (err <= step * (0.5 + slack) + 1e-6).all()
+    assert (dequantize_int4(q, s, z, G)[5, :64] == 0).all()  # zero is exactly representable
+    # nibble packing round trip, with the layout spelled out: low nibble = even element
+    p = pack_int4(q)
+    assert p.shape == (64, 128) and torch.equal(unpack_int4(p), q)
+    assert int(p[0, 0]) == int(q[0, 0]) | (int(q[0, 1]) << 4)
+
+
+def test_group_size_must_divide_in_features():
+    lin = nn.Linear(96, 32)
+    model = nn.Sequential()
+    model.add_module("proj", lin)
+    with pytest.raises(QuantError, match=r"proj.*group size 64.*in_features 96"):
+        quantize_model(model, "int4", group_size=64)
+    assert type(model.proj) is nn.Linear  # nothing swapped after the error
+
+
+def _autoawq_dequant(qweight, qzeros, scales, G):
+    """AutoAWQ 'gemm' dequantization written from its documented layout: 8 nibbles per int32 along
+    out_features, nibble i holds column 8j + [0, 2, 4, 6, 1, 3, 5, 7][i]; W^T = (q - z) * s."""
+    order = [0, 2, 4, 6, 1, 3, 5, 7]
+
+    def unpack(t):
+        rows, cols = t.shape
+        out = torch.empty(rows, cols * 8, dtype=torch.int64)
+        v = t.to(torch.int64) & 0xFFFFFFFF
+        for j in range(cols):
+            for i in range(8):
+                out[:, 8 * j + order[i]] = (v[:, j] >> (4 * i)) & 15
+        return out
+
+    q, z = unpack(qweight), unpack(qzeros)  # (K, N), (K/G, N)
+    s = scales.float()
+    return ((q - z.repeat_interleave(G, 0)) * s.repeat_interleave(G, 0)).t()  # (N, K)
+
+
+def test_awq_layout_unpacks_to_quantizer_values():
+    G = 32
+    w = _w(64, 128)
+    q, s, z = quantize_int4(w, G)
+    d = int4_to_awq(q, s, z)
+    assert d["qweight"].dtype == torch.int32 and d["qweight"].shape == (128, 64 // 8)
+    assert d["qzeros"].shape == (128 // G, 64 // 8) and d["scales"].shape == (128 // G, 64)
+    assert d["scales"].dtype == torch.float16
+    assert torch.equal(_autoawq_dequant(d["qweight"], d["qzeros"], d["scales"], G), dequantize_int4(q, s, z, G))
+    assert torch.equal(unpack_awq(d["qweight"]).t(), q)
+
+
+def test_nf4_codebook_is_normal_quantiles():
+    # QLoRA / bitsandbytes construction: 8 positive and 7 negative N(0,1) quantiles between
+    # offset = 0.9677083 and 0.5, plus an exact zero, normalized to [-1, 1].
+    off = 0.9677083
+    pos = torch.special.ndtri(torch.linspace(off, 0.5, 9, dtype=torch.float64)[:-1])
+    neg = -torch.special.ndtri(torch.linspace(off, 0.5, 8, dtype=torch.float64)[:-1])
+    ref = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).sort().values
+    ref = ref / ref.abs().max()
+    assert NF4_CODEBOOK.shape == (16,)
+    assert torch.allclose(NF4_CODEBOOK.double(), ref, atol=1e-6)
+    assert NF4_CODEBOOK[7] == 0 and NF4_CODEBOOK[0] == -1 and NF4_CODEBOOK[15] == 1
+
+
+def test_nf4_error_bound():
+    torch.manual_seed(0)
+    w = torch.randn(48, 100) * 0.02  # 4800 elements: 75 blocks of 64, padding in the last scale block
+    t = quantize_nf4(w)
+    assert t["absmax_q"].dtype == torch.int8 and t["absmax_q"].numel() == 75 and t["absmax_scale"].numel() == 1
+    dq = dequantize_nf4(t, w.shape)
+    blocks = w.reshape(-1, 64)
+    absmax = blocks.abs().amax(1)
+    absmax_dq = nf4_absmax(t)
+    # double-quantized absmax: int8 of (absmax - mean) -> error <= step / 2
+    assert ((absmax_dq - absmax).abs() <= t["absmax_scale"][0] / 2 + 1e-9).all()
+    # |w - c * a'| <= a * |w/a - c| + |c| * |a - a'| <= a * (largest codebook gap) / 2 + |a - a'|
+    gap = (NF4_CODEBOOK[1:] - NF4_CODEBOOK[:-1]).max()
+    bound = absmax * gap / 2 + (absmax_dq - absmax).abs() + 1e-7
+    err = (dq.reshape(-1, 64) - blocks).abs()
+    assert (err <= bound[:, None]).all()
+    # and NF4 is much better than the bound on Gaussian weights: mean error well under a quarter step
+    assert err.mean() < 0.1 * absmax.mean()
+
+
+@pytest.mark.parametrize("method", ["int8", "int4", "nf4"])
+def test_quantlinear_equals_dequantized_matmul(method):
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 64, bias=True)
+    x = torch.randn(2, 5, 128)
+    if method == "int8":
+        m = Int8Linear.from_linear(lin)
+        q, s = quantize_int8(lin.weight)
+        w = dequantize_int8(q, s)
+    elif method == "int4":
+        m = Int4Linear.from_linear(lin, 32)
+        assert m.kernel  # aten's packed CPU kernel is used for this shape
+        w = dequantize_int4(*quantize_int4(lin.weight, 32), 32)
+        assert torch.equal(m.int_weight(), quantize_int4(lin.weight, 32)[0])  # kernel layout round trip
+    else:
+        m = NF4Linear.from_linear(lin)
+        w = dequantize_nf4(quantize_nf4(lin.weight), lin.weight.shape)
+    assert torch.equal(m.dequantize(), w)
+    with torch.no_grad():
+        y = m(x)
+        if method == "nf4":  # QLoRA computes in bf16
+            ref = F.linear(x.bfloat16(), w.bfloat16(), lin.bias.bfloat16()).float()
+        else:
+            ref = F.linear(x, w, lin.bias)
+    assert y.shape == (2, 5, 64) and y.dtype == x.dtype
+    assert torch.allclose(y, ref, atol=1e-4, rtol=1e-4), (y - ref).abs().max()
+    if method != "nf4":  # bf16 activations through the same kernels
+        yb = m(x.bfloat16()).float()
+        assert torch.allclose(yb, ref, atol=0.1, rtol=0.05)
+
+
+def test_nf4_autograd_through_input_with_frozen_base():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    m = NF4Linear.from_linear(lin)
+    assert not any(p.requires_grad for p in m.parameters())
+    x = torch.randn(4, 64, requires_grad=True)
+    g = torch.randn(4, 32)
+    (m(x) * g).sum().backward()
+    w = m.dequantize(torch.bfloat16).float()
+    assert torch.allclose(x.grad, g.bfloat16().float() @ w, atol=2e-2, rtol=2e-2)
+
+
+# ------------------------------------------------------------------------------------- AWQ
+def test_awq_beats_rtn_on_outlier_channels():
+    from lmstack.model.awq import fake_quant_int4, search_scales
+
+    torch.manual_seed(0)
+    K, N, G = 256, 64, 128
+    w = torch.randn(N, K) * 0.05
+
+    def acts(n):
+        x = torch.randn(n, K)
+        x[:, :4] *= 40.0  # a few outlier input channels (the LLM.int8 / AWQ observation)
+        return x
+
+    s, alpha, err, rtn = search_scales(acts(512), [w], G)
+    assert 0 < alpha <= 1 and err < rtn
+    x_test = acts(512)  # held-out activations from the same distribution
+    ref = x_test @ w.t()
+    rtn_err = (x_test @ fake_quant_int4(w, G).t() - ref).pow(2).mean()
+    awq_err = (x_test @ (fake_quant_int4(w * s, G) / s).t() - ref).pow(2).mean()
+    assert awq_err < 0.7 * rtn_err, (awq_err, rtn_err)
+
+
+def test_calib_too_short():
+    from lmstack.model.awq import calibration_batches
+
+    with pytest.raises(QuantError, match=r"too short: 10 tokens.*64"):
+        calibration_batches(list(range(10)), n_samples=4, seq_len=64)
+    assert calibration_batches(list(range(200)), n_samples=8, seq_len=64).shape == (3, 64)
+
+
+# --------------------------------------------------------------------------- model level / I/O
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from tests.fixtures import make_tiny_hf
+
+    d = tmp_path_factory.mktemp("llama")
+    make_tiny_hf("llama", d)
+    return d
+
+
+def _logits(model, tokens):
+    with torch.no_grad():
+        pos = torch.arange(tokens.shape[1]).expand_as(tokens)
+        return model.compute_logits(model(tokens, pos)).float()
+
+
+@pytest.mark.parametrize("method", ["int8", "int4", "nf4", "awq"])
+def test_quantized_folder_roundtrip(tiny_llama, tmp_path, method):
+    from lmstack.model.loading import load_model
+
+    torch.manual_seed(0)
+    tokens = torch.randint(3, 320, (2, 12))
+    fp = load_model(tiny_llama, dtype=torch.float32)
+    ref = _logits(fp, tokens)
+    model = load_model(tiny_llama, dtype=torch.float32)
+    if method == "awq":
+        from lmstack.model.awq import awq_quantize
+
+        awq_quantize(model, torch.randint(3, 320, (4, 32)), group_size=32)
+    else:
+        quantize_model(model, method, group_size=32)
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert {"int8": "Int8Linear", "int4": "Int4Linear", "awq": "Int4Linear", "nf4": "NF4Linear"}[method] in kinds
+    assert type(model.lm_head) is nn.Linear  # skipped by default
+    out = _logits(model, tokens)
+    # quantized, yet close to the float model (random tiny weights: loose, but catches garbage)
+    assert (out - ref).abs().mean() < 0.25 * ref.abs().mean()
+    save_quantized(model, tmp_path)
+    qcfg = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    if method in ("int4", "awq"):
+        assert qcfg["quant_method"] == "awq" and qcfg["version"] == "gemm" and qcfg["group_size"] == 32
+    loaded = load_model(tmp_path, dtype=torch.float32)  # the common loader dispatches on quantization_config
+    assert torch.allclose(_logits(loaded, tokens), out, atol=1e-5)
+    # the dequantized-weight model gives the same greedy continuation as the quantized one
+    deq = load_model(tiny_llama, dtype=torch.float32)
+    with torch.no_grad():
+        for n, p in loaded.named_parameters():  # norms carry AWQ's folded scales
+            deq.get_parameter(n).copy_(p)
+        for n, m in loaded.named_modules():
+            if hasattr(m, "dequantize") and n:
+                deq.get_submodule(n).weight.copy_(m.dequantize())
+    if method != "nf4":  # nf4 matmuls run in bf16
+        assert torch.allclose(_logits(deq, tokens), out, atol=1e-4)
+
+
+def test_corrupted_scales_rejected(tiny_llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lmstack.model.loading import load_model
+
+    model = quantize_model(load_model(tiny_llama, dtype=torch.float32), "int4", group_size=32)
+    save_quantized(model, tmp_path)
+    f = tmp_path / "model.safetensors"
+    good = load_file(str(f))
+    key = "model.layers.1.mlp.down_proj.scales"
+    for bad_value, pattern in [(float("nan"), "non-finite"), (0.0, "<= 0"), (-1.0, "<= 0")]:
+        sd = dict(good)
+        sd[key] = sd[key].clone()
+        sd[key][0, 3] = bad_value
+        save_file(sd, str(f))
+        with pytest.raises(QuantError, match=f"{key}.*{pattern}"):
+            load_model(tmp_path, dtype=torch.float32)
+    sd = dict(good)
+    sd[key] = sd[key][:, :-1].contiguous()
+    save_file(sd, str(f))
+    with pytest.raises(QuantError, match=f"{key}.*shape"):
+        load_model(tmp_path, dtype=torch.float32)
+    # int8 and nf4 scales are checked the same way
+    for method, key in [("int8", "model.layers.0.self_attn.q_proj.weight_scale"),
+                        ("nf4", "model.layers.0.mlp.up_proj.weight_absmax_scale")]:
+        d = tmp_path / method
+        save_quantized(quantize_model(load_model(tiny_llama, dtype=torch.float32), method), d)
+        sd = load_file(str(d / "model.safetensors"))
+        sd[key] = torch.full_like(sd[key], float("inf"))
+        save_file(sd, str(d / "model.safetensors"))
+        with pytest.raises(QuantError, match=key):
+            load_model(d, dtype=torch.float32)
