@@ -1,0 +1,182 @@
+"""The only engine file that touches tensors: KV pool, flattened batch preparation, forward, logits.
+
+Batch layout (vLLM style): all scheduled sequences' new tokens are concatenated into one row,
+tokens (1, T) with per-token positions. Decodes (one new token) come first, then prefill chunks.
+`PagedMeta.attend` is called by every layer with that row's q/k/v (after RoPE): it writes the new
+k/v into the paged pool at `slot_mapping` (slot = block_id * block_size + offset), then
+  - decodes: gathers every decode sequence's context into one padded (S, Hkv, Lmax, D) tensor and
+    runs a single SDPA call with an additive mask for the padding (and sliding window). The G query
+    heads that share a KV head are laid out as G "query positions", so GQA needs no K/V copy.
+  - prefill chunks: one SDPA call per sequence; when the chunk is the whole context (no cached
+    prefix) it attends over its own k/v with `is_causal`, otherwise over its gathered context with
+    the query offset (chunked prefill, prefix-cache hit, recompute after preemption).
+Only the hidden state of the last token of each sequence that completes its pending tokens goes
+through the LM head: never full-vocab logits for every prompt token.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from lmstack.model.attention import attention
+from lmstack.model.transformer import Transformer
+
+
+def kv_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) -> int:
+    cfg = model.config
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+
+
+class PagedMeta:
+    """Per-step attention metadata; owns no state beyond this step (the pool belongs to the runner)."""
+
+    def __init__(self, k_pool: list[torch.Tensor], v_pool: list[torch.Tensor], slot_mapping: torch.Tensor,
+                 num_decodes: int, dec_slots: torch.Tensor | None, dec_ctx_lens: torch.Tensor | None,
+                 prefills: list[tuple[int, int, int, torch.Tensor | None]], dtype: torch.dtype) -> None:
+        self.k_pool, self.v_pool = k_pool, v_pool  # per layer (num_blocks * block_size, Hkv, D)
+        self.slot_mapping = slot_mapping  # (T,) pool slot of every new token
+        self.num_decodes = num_decodes
+        self.dec_slots = dec_slots  # (S, Lmax) pool slots of each decode's context (padded with 0)
+        self.dec_ctx_lens = dec_ctx_lens  # (S,)
+        self.prefills = prefills  # (start in row, num new tokens, num tokens before the chunk, context slots|None)
+        self.dtype = dtype
+        self._dec_masks: dict[int | None, torch.Tensor] = {}
+
+    def _decode_mask(self, window: int | None) -> torch.Tensor:
+        """(S, 1, 1, Lmax) additive mask: 0 where key j is visible to the query at ctx_len - 1."""
+        m = self._dec_masks.get(window)
+        if m is None:
+            L = self.dec_slots.shape[1]
+            j = torch.arange(L)[None, :]
+            ctx = self.dec_ctx_lens[:, None]
+            ok = j < ctx
+            if window is not None:
+                ok &= (ctx - 1 - j) < window
+            m = torch.zeros(ok.shape, dtype=self.dtype).masked_fill_(~ok, float("-inf"))[:, None, None, :]
+            self._dec_masks[window] = m
+        return m
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               window: int | None) -> torch.Tensor:
+        # q (1, T, H, D); k, v (1, T, Hkv, D)
+        _, T, H, D = q.shape
+        Hkv = k.shape[2]
+        G = H // Hkv
+        kp, vp = self.k_pool[layer_idx], self.v_pool[layer_idx]
+        kp.index_copy_(0, self.slot_mapping, k[0].to(kp.dtype))
+        vp.index_copy_(0, self.slot_mapping, v[0].to(vp.dtype))
+        out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
+        nd = self.num_decodes
+        if nd:
+            qd = q[0, :nd].view(nd, Hkv, G, D)  # (S, Hkv, G, D): G query heads per kv head
+            kd = kp[self.dec_slots].transpose(1, 2)  # (S, Hkv, Lmax, D)
+            vd = vp[self.dec_slots].transpose(1, 2)
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self._decode_mask(window))
+            out[:nd] = od.reshape(nd, H, D)
+        for start, n, n_before, ctx_slots in self.prefills:
+            qs = q[:, start:start + n].transpose(1, 2)  # (1, H, n, D)
+            if ctx_slots is None:  # the chunk is the whole context
+                ks, vs = k[:, start:start + n].transpose(1, 2), v[:, start:start + n].transpose(1, 2)
+            else:
+                ks = kp[ctx_slots].transpose(0, 1)[None]  # (1, Hkv, n_before + n, D)
+                vs = vp[ctx_slots].transpose(0, 1)[None]
+            o = attention(qs, ks, vs, impl="sdpa", causal=True, window=window, q_offset=n_before)
+            out[start:start + n] = o[0].transpose(0, 1)
+        return out[None]
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int,
+                 kv_dtype: torch.dtype | None = None) -> None:
+        self.model = model
+        cfg = model.config
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.kv_dtype = kv_dtype or model.dtype
+        self.device = model.device
+        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(cfg.num_layers)]
+        self.v_cache = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(cfg.num_layers)]
+        flat = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.k_flat = [c.view(flat) for c in self.k_cache]  # slot-indexed views of the same memory
+        self.v_flat = [c.view(flat) for c in self.v_cache]
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy-on-write: duplicate whole blocks (all layers) before the forward writes into them."""
+        if not pairs:
+            return
+        src = torch.tensor([p[0] for p in pairs], device=self.device)
+        dst = torch.tensor([p[1] for p in pairs], device=self.device)
+        for kc, vc in zip(self.k_cache, self.v_cache):
+            kc[dst] = kc[src]
+            vc[dst] = vc[src]
+
+    def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
+        bs = self.block_size
+        pos = torch.arange(start, end)
+        bt = torch.tensor(block_table, dtype=torch.long)
+        return bt[pos // bs] * bs + pos % bs
+
+    @torch.no_grad()
+    def execute(self, token_ids: list[list[int]], starts: list[int], block_tables: list[list[int]],
+                sample_mask: list[bool]) -> torch.Tensor:
+        """Run one step.
+
+        For sequence i compute tokens token_ids[i] at positions starts[i].. (its earlier tokens are in
+        the pool already, reachable through block_tables[i]). Sequences must be ordered decodes
+        (one token) first. Returns float32 logits (num sampled sequences, V) for the sequences with
+        sample_mask[i], in order."""
+        bs = self.block_size
+        flat_tokens: list[int] = []
+        positions: list[int] = []
+        slot_list: list[torch.Tensor] = []
+        nd = 0
+        while nd < len(token_ids) and len(token_ids[nd]) == 1:
+            nd += 1
+        # decodes: scalar arithmetic is cheaper than tensor ops for one token each
+        dec_slots = dec_ctx = None
+        if nd:
+            dec_slot_vals = []
+            for i in range(nd):
+                p = starts[i]
+                flat_tokens.append(token_ids[i][0])
+                positions.append(p)
+                dec_slot_vals.append(block_tables[i][p // bs] * bs + p % bs)
+            slot_list.append(torch.tensor(dec_slot_vals, dtype=torch.long))
+            ctx = torch.tensor([starts[i] + 1 for i in range(nd)], dtype=torch.long)
+            nblk = max(len(block_tables[i]) for i in range(nd))
+            bt = torch.zeros(nd, nblk, dtype=torch.long)
+            for i in range(nd):
+                bt[i, : len(block_tables[i])] = torch.tensor(block_tables[i], dtype=torch.long)
+            L = int(ctx.max())
+            j = torch.arange(L)
+            dec_slots = bt[:, j // bs] * bs + (j % bs)[None, :]  # (S, L)
+            dec_ctx = ctx
+        prefills = []
+        last_index: list[int] = []
+        for i in range(nd):
+            last_index.append(i)
+        for i in range(nd, len(token_ids)):
+            ids, s = token_ids[i], starts[i]
+            n = len(ids)
+            row_start = len(flat_tokens)
+            flat_tokens.extend(ids)
+            positions.extend(range(s, s + n))
+            slots = self._slots(block_tables[i], 0, s + n)
+            slot_list.append(slots[s:])
+            prefills.append((row_start, n, s, None if s == 0 else slots))
+            last_index.append(row_start + n - 1)
+        tokens = torch.tensor(flat_tokens, dtype=torch.long, device=self.device)[None]
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)[None]
+        meta = PagedMeta(self.k_flat, self.v_flat, torch.cat(slot_list).to(self.device), nd,
+                         None if dec_slots is None else dec_slots.to(self.device),
+                         None if dec_ctx is None else dec_ctx.to(self.device), prefills, self.model.dtype)
+        hidden = self.model(tokens, pos, meta=meta)  # (1, T, D)
+        rows = [last_index[i] for i in range(len(token_ids)) if sample_mask[i]]
+        if not rows:
+            return torch.empty(0, self.model.config.vocab_size)
+        h = hidden[0, torch.tensor(rows, device=self.device)]  # (N, D)
+        return self.model.compute_logits(h).float()

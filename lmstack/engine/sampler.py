@@ -1,0 +1,186 @@
+"""Batched next-token sampling with per-row parameters.
+
+Order of operations on each row's logits (float32):
+  1. penalties: repetition (CTRL, Keskar et al. 2019: seen token's logit / p if > 0 else * p, over
+     prompt + output tokens), then frequency and presence (OpenAI: logit -= f * count + p * [count > 0],
+     over output tokens only);
+  2. banned tokens (EOS / stop tokens while fewer than `min_tokens` were generated) -> -inf;
+  3. greedy rows (temperature 0) take the argmax here;
+  4. temperature, then min-p (drop p < min_p * p_max), top-k (keep the k largest; ties at the
+     k-th value kept), top-p (keep the smallest prefix of the sorted distribution whose mass
+     reaches top_p: a token is dropped when the mass strictly before it is already >= top_p);
+  5. one uniform draw per row from the row's own torch.Generator, mapped through the row's CDF
+     (inverse-transform sampling). Each row consumes exactly one number from its own generator and
+     every operation above is row-wise, so a seeded request samples the same tokens whatever else
+     is in the batch.
+Log-probabilities (`logprobs=N`) are those of the raw model distribution (before penalties and
+temperature), as in vLLM: the sampled token plus the top N, each with its rank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmstack.engine.sampling_params import SamplingParams
+from lmstack.engine.sequence import Logprob
+
+
+@dataclass
+class SampleRow:
+    params: SamplingParams
+    generator: torch.Generator | None = None
+    prompt_ids: list[int] | None = None  # for the repetition penalty
+    output_ids: list[int] | None = None  # for all penalties
+    banned_ids: list[int] | None = None  # -inf before sampling (min_tokens)
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[dict[int, Logprob] | None]
+
+
+def _count_matrix(ids: list[list[int]], V: int, device: torch.device) -> torch.Tensor:
+    """(N, V) float counts of each token id per row."""
+    N = len(ids)
+    L = max((len(x) for x in ids), default=0)
+    counts = torch.zeros(N, V + 1, device=device)
+    if L == 0:
+        return counts[:, :V]
+    idx = torch.full((N, L), V, dtype=torch.long)  # pad with a dummy column V
+    for i, x in enumerate(ids):
+        if x:
+            idx[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+    counts.scatter_add_(1, idx.to(device), torch.ones(N, L, device=device))
+    return counts[:, :V]
+
+
+def apply_penalties(logits: torch.Tensor, prompt_ids: list[list[int]], output_ids: list[list[int]],
+                    repetition: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
+    """logits (N, V); penalties (N,) each. Returns new logits."""
+    N, V = logits.shape
+    out_counts = _count_matrix(output_ids, V, logits.device)
+    seen = (_count_matrix(prompt_ids, V, logits.device) > 0) | (out_counts > 0)
+    rep = repetition[:, None]
+    penalized = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalized, logits)
+    return logits - frequency[:, None] * out_counts - presence[:, None] * (out_counts > 0).float()
+
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Temperature-scaled logits (N, V) -> logits with excluded tokens at -inf.
+
+    top_k (N,) long, 0 = off; top_p (N,) float, 1 = off; min_p (N,) float, 0 = off."""
+    N, V = logits.shape
+    neg_inf = float("-inf")
+    if bool((min_p > 0).any()):
+        probs = logits.softmax(-1)
+        thresh = probs.amax(-1, keepdim=True) * min_p[:, None]
+        logits = logits.masked_fill(probs < thresh, neg_inf)
+    use_k = top_k > 0
+    use_p = top_p < 1.0
+    if bool(use_p.any()):
+        sorted_logits, idx = logits.sort(-1, descending=True)
+        if bool(use_k.any()):
+            ranks = torch.arange(V, device=logits.device)[None, :]
+            k = torch.where(use_k, top_k, torch.full_like(top_k, V)).clamp_max(V)
+            kth = sorted_logits.gather(1, (k - 1)[:, None])
+            sorted_logits = sorted_logits.masked_fill((sorted_logits < kth) & (ranks >= k[:, None]), neg_inf)
+        probs = sorted_logits.softmax(-1)
+        drop = (probs.cumsum(-1) - probs) >= top_p[:, None]
+        sorted_logits = sorted_logits.masked_fill(drop, neg_inf)
+        logits = torch.empty_like(logits).scatter_(1, idx, sorted_logits)
+    elif bool(use_k.any()):
+        kmax = int(top_k.max().clamp_max(V))
+        top_vals = logits.topk(kmax, dim=-1).values  # (N, kmax), descending
+        k = torch.where(use_k, top_k, torch.full_like(top_k, kmax)).clamp_max(kmax)
+        kth = top_vals.gather(1, (k - 1)[:, None])
+        kth = torch.where(use_k[:, None], kth, torch.full_like(kth, neg_inf))
+        logits = logits.masked_fill(logits < kth, neg_inf)
+    return logits
+
+
+def _sample_from_probs(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """Inverse-transform sampling: one uniform per row, from that row's generator."""
+    u = torch.empty(len(generators), dtype=torch.float64)
+    for i, g in enumerate(generators):
+        u[i] = 1.0 - torch.rand((), generator=g, dtype=torch.float64)  # (0, 1]: never picks a p=0 token
+    cdf = probs.double().cumsum(-1)  # (N, V)
+    target = (u.to(probs.device) * cdf[:, -1])[:, None]
+    idx = torch.searchsorted(cdf, target).squeeze(1)
+    return idx.clamp_max(probs.shape[-1] - 1)
+
+
+def compute_logprobs(raw_logits: torch.Tensor, tokens: torch.Tensor, nums: list[int]) -> list[dict[int, Logprob]]:
+    """For each row: {sampled token: Logprob, then the top-`nums[i]` tokens} (ranks are 1-based)."""
+    lp = raw_logits.float().log_softmax(-1)  # (N, V)
+    chosen = lp.gather(1, tokens[:, None])  # (N, 1)
+    ranks = (lp > chosen).sum(-1) + 1
+    kmax = max(nums)
+    top_v, top_i = lp.topk(kmax, dim=-1) if kmax > 0 else (None, None)
+    out = []
+    for i, n in enumerate(nums):
+        d = {int(tokens[i]): Logprob(float(chosen[i, 0]), int(ranks[i]))}
+        for r in range(n):
+            t = int(top_i[i, r])
+            if t not in d:
+                d[t] = Logprob(float(top_v[i, r]), r + 1)
+        out.append(d)
+    return out
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
+        """logits (N, V) for N rows -> one token per row (plus logprobs where asked)."""
+        N, V = logits.shape
+        assert N == len(rows), (N, len(rows))
+        raw = logits
+        logits = logits.float()
+        dev = logits.device
+        params = [r.params for r in rows]
+
+        pen_rows = [i for i, p in enumerate(params) if p.needs_penalties]
+        if pen_rows:
+            sel = torch.tensor(pen_rows, device=dev)
+            logits = logits.clone()
+            logits[sel] = apply_penalties(
+                logits[sel],
+                [rows[i].prompt_ids or [] for i in pen_rows],
+                [rows[i].output_ids or [] for i in pen_rows],
+                torch.tensor([params[i].repetition_penalty for i in pen_rows], device=dev),
+                torch.tensor([params[i].presence_penalty for i in pen_rows], device=dev),
+                torch.tensor([params[i].frequency_penalty for i in pen_rows], device=dev),
+            )
+        banned = [(i, t) for i, r in enumerate(rows) for t in (r.banned_ids or []) if 0 <= t < V]
+        if banned:
+            if not pen_rows:
+                logits = logits.clone()
+            bi = torch.tensor(banned, device=dev)
+            logits[bi[:, 0], bi[:, 1]] = float("-inf")
+
+        tokens = torch.empty(N, dtype=torch.long, device=dev)
+        greedy = [i for i, p in enumerate(params) if p.greedy]
+        rand = [i for i, p in enumerate(params) if not p.greedy]
+        if greedy:
+            g = torch.tensor(greedy, device=dev)
+            tokens[g] = logits[g].argmax(-1)
+        if rand:
+            r = torch.tensor(rand, device=dev)
+            temp = torch.tensor([params[i].temperature for i in rand], device=dev)
+            scaled = logits[r] / temp[:, None]
+            scaled = filter_logits(
+                scaled,
+                torch.tensor([params[i].top_k for i in rand], device=dev, dtype=torch.long),
+                torch.tensor([params[i].top_p for i in rand], device=dev),
+                torch.tensor([params[i].min_p for i in rand], device=dev),
+            )
+            tokens[r] = _sample_from_probs(scaled.softmax(-1), [rows[i].generator for i in rand])
+
+        logprobs: list[dict[int, Logprob] | None] = [None] * N
+        lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if lp_rows:
+            sel = torch.tensor(lp_rows, device=dev)
+            for i, d in zip(lp_rows, compute_logprobs(raw[sel], tokens[sel], [params[i].logprobs for i in lp_rows])):
+                logprobs[i] = d
+        return SampleResult(tokens.tolist(), logprobs)
