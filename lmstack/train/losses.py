@@ -394,7 +394,7 @@ _MAX_AVG_LOGP = -1e-6
 
 
 def _log_odds(avg_logp: torch.Tensor) -> torch.Tensor:
-    lp = avg_logp.float().clamp(max=_MAX_AVG_LOGP)
+    lp = (avg_logp if avg_logp.dtype == torch.float64 else avg_logp.float()).clamp(max=_MAX_AVG_LOGP)
     return lp - log1mexp(lp)  # log(p / (1 - p))
 
 
@@ -501,6 +501,7 @@ def ppo_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: to
     hi = clip_eps if clip_eps_high is None else clip_eps_high
     _positive("clip_eps", clip_eps)
     _positive("clip_eps_high", hi)
+    advantages = advantages.detach()
     log_ratio = logps - old_logps.detach()
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
@@ -525,7 +526,7 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     """
     _same_shape(values=values, old_values=old_values, returns=returns, mask=mask)
     _positive("clip_range", clip_range)
-    old_values = old_values.detach()
+    old_values, returns = old_values.detach(), returns.detach()
     v_clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
     err = (values - returns) ** 2
     err_clipped = (v_clipped - returns) ** 2
@@ -562,6 +563,7 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, advantages: t
         raise ValueError("grpo_loss with beta > 0 needs ref_logps")
     if old_logps is None:
         old_logps = logps.detach()
+    advantages = advantages.detach()
     if advantages.dim() == 1:
         if advantages.shape[0] != logps.shape[0]:
             raise ValueError(f"advantages has {advantages.shape[0]} entries but logps has batch size "
