@@ -356,3 +356,50 @@ def test_32_concurrent_streams_with_disconnects(server, ref):
     assert server.async_engine.metrics.finished["abort"] - aborts_before == len(quitters)
     generated = stats.num_generated_tokens - gen_before
     assert generated < (n_clients - len(quitters)) * n_tokens + len(quitters) * 200
+
+
+def test_non_streaming_client_that_gives_up_is_aborted(server):
+    """A non-streaming client that times out: its request is aborted, not run to max_tokens."""
+    aborts_before = server.async_engine.metrics.finished["abort"]
+    gen_before = engine_state(server)[1].num_generated_tokens
+    # Hold the engine thread so the request cannot finish before the client gives up.
+    held = server.async_engine.call(lambda e: time.sleep(2.0))
+    body = {"model": NAME, "prompt": [5, 6, 7], "max_tokens": 240, "ignore_eos": True, "temperature": 0}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=0.5)
+    held.get(timeout=30)
+    deadline = time.monotonic() + 30
+    while server.async_engine.metrics.finished["abort"] == aborts_before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.async_engine.metrics.finished["abort"] == aborts_before + 1
+    unfinished, stats = engine_state(server)
+    assert unfinished == 0 and stats.kv_blocks_used == 0
+    assert stats.num_generated_tokens - gen_before < 240
+
+
+def test_engine_failure_is_reported_not_hung(model_dir):
+    """If the engine itself fails mid-stream, the stream ends with an error event, /health turns 503
+    and new requests get 503 instead of hanging."""
+    engine = make_engine(model_dir)
+    real_step, calls = engine.step, []
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("simulated device failure")
+        return real_step()
+
+    engine.step = failing_step
+    srv = ServerThread(build_app(engine, NAME))
+    try:
+        body = {"model": NAME, "prompt": "hi", "max_tokens": 50, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        err = json.loads(events[-2])["error"]
+        assert "simulated device failure" in err["message"] and err["type"] == "server_error"
+        _err(httpx.get(srv.url + "/health"), 503)
+        _err(httpx.post(srv.url + "/v1/completions", json={**body, "stream": False}), 503)
+    finally:
+        srv.stop()

@@ -236,6 +236,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         if e.get("type") == "json_invalid":
             parts.append(f"malformed JSON body: {e.get('ctx', {}).get('error', e.get('msg'))}")
             continue
+        if not loc and e.get("type") in ("model_attributes_type", "dict_type", "missing"):
+            parts.append("the request body must be a JSON object (malformed JSON or wrong Content-Type)")
+            continue
         where = ".".join(loc) or "body"
         param = param or (loc[0] if loc else None)
         parts.append(f"{where}: {e.get('msg')}")
@@ -246,6 +249,16 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def _sse(obj: Any) -> str:
     payload = obj.model_dump_json(exclude_none=True) if hasattr(obj, "model_dump_json") else json.dumps(obj)
     return f"data: {payload}\n\n"
+
+
+async def _sse_guard(gen: AsyncIterator[str]) -> AsyncIterator[str]:
+    """After the 200 and its headers are sent, an error can only travel as an event (as OpenAI does)."""
+    try:
+        async for piece in gen:
+            yield piece
+    except APIError as e:
+        yield _sse(ErrorResponse(error=ErrorInfo(message=e.message, type=e.type, param=e.param, code=e.code)))
+        yield "data: [DONE]\n\n"
 
 
 class _AbortingStream(StreamingResponse):
@@ -417,6 +430,8 @@ def build_app(engine: Any, served_model_name: str, api_key: str | None = None,
         """Yield (prompt index, RequestOutput) until every request finished; abort leftovers on exit."""
         pending = set(range(len(rids)))
         try:
+            if not stream and await raw.is_disconnected():  # gave up while we were queueing it
+                return
             while pending:
                 if stream:  # a disconnect cancels the streaming task (and _AbortingStream aborts)
                     key, item = await out.get()
@@ -520,7 +535,7 @@ def build_app(engine: Any, served_model_name: str, api_key: str | None = None,
                                                usage=usage))
                 yield "data: [DONE]\n\n"
 
-            return _AbortingStream(gen(), lambda: [async_engine.abort(r) for r in rids])
+            return _AbortingStream(_sse_guard(gen()), lambda: [async_engine.abort(r) for r in rids])
 
         final: dict[int, Any] = {}
         async for key, ro in results(raw, out, rids, stream=False):
@@ -600,7 +615,7 @@ def build_app(engine: Any, served_model_name: str, api_key: str | None = None,
                                               total_tokens=n_prompt + n_out))
                 yield "data: [DONE]\n\n"
 
-            return _AbortingStream(gen(), lambda: [async_engine.abort(r) for r in rids])
+            return _AbortingStream(_sse_guard(gen()), lambda: [async_engine.abort(r) for r in rids])
 
         final = None
         async for _, ro in results(raw, out, rids, stream=False):
