@@ -1,0 +1,41 @@
+"""Supervised fine-tuning: chat-template-rendered conversations, loss on assistant tokens only."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmstack.train.algos import LossOutput, Stage, register
+from lmstack.train.data import IGNORE, Example, collate_lm, load_sft
+from lmstack.train.losses import chunked_nll
+
+
+def lm_head_weight(model: nn.Module) -> torch.Tensor:
+    """The (V, D) output projection, with a LoRA update folded in if lm_head itself is adapted."""
+    head = model.lm_head
+    if hasattr(head, "delta_weight"):  # a LoRALinear around lm_head
+        return head.base.weight + head.delta_weight().to(head.base.weight.dtype)
+    return head.weight
+
+
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int = 1024) -> LossOutput:
+    """Summed next-token NLL over target tokens; the (B, T, V) logits are never built at once."""
+    hidden = model(batch["tokens"], batch["positions"])  # (B, T, D)
+    labels = batch["labels"]  # (B, T), IGNORE where not a target
+    total = chunked_nll(hidden, lm_head_weight(model), labels, chunk=chunk, ignore_index=IGNORE, reduction="sum")
+    return LossOutput(total, (labels != IGNORE).sum(), {})
+
+
+@register
+class SFT(Stage):
+    name = "sft"
+
+    def load_dataset(self, paths: list[str], split: str) -> list[Example]:
+        d = self.cfg.data
+        examples, _ = load_sft(paths, self.tokenizer, d.max_len, d.format, d.text_field)
+        return examples
+
+    def collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        return collate_lm(examples, self.pad_id)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+        return causal_lm_loss(model, batch)

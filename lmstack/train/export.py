@@ -1,0 +1,61 @@
+"""`lmstack export`: fold a LoRA / QLoRA adapter into its base model and write a full HF checkpoint."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from lmstack.config import ConfigError
+from lmstack.log import logger
+
+# Written next to a PEFT adapter by lmstack (PEFT ignores extra files): how the adapter was trained.
+TRAINING_INFO = "lmstack_adapter.json"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                    "generation_config.json")
+
+
+def write_adapter_info(adapter_dir: str | Path, qlora: bool) -> None:
+    (Path(adapter_dir) / TRAINING_INFO).write_text(json.dumps({"qlora": qlora}, indent=2) + "\n")
+
+
+def adapter_was_qlora(adapter_dir: str | Path) -> bool:
+    p = Path(adapter_dir) / TRAINING_INFO
+    return bool(json.loads(p.read_text()).get("qlora", False)) if p.is_file() else False
+
+
+def export_merged(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,
+                  qlora: bool | None = None) -> Path:
+    """Merge `adapter_dir` (PEFT LoRA folder) into the model at `base_dir`; write an HF folder to `out_dir`.
+
+    An adapter trained with QLoRA saw NF4-quantized base weights, so the base is quantized to NF4 and
+    dequantized to bf16 before merging (merging into the original weights would not reproduce the
+    trained model); the merged checkpoint is saved in bf16. Otherwise the merge is done in fp32 and
+    saved in the base checkpoint's dtype. `qlora=None` reads how the adapter was trained.
+    """
+    from lmstack.model.loading import load_model, resolve_dtype, save_model
+    from lmstack.model.lora import load_adapter, merge_lora
+
+    base_dir, adapter_dir, out = Path(base_dir), Path(adapter_dir), Path(out_dir)
+    if out.resolve() in (base_dir.resolve(), adapter_dir.resolve()):
+        raise ConfigError(f"--out {out} must differ from the base model and adapter folders")
+    if qlora is None:
+        qlora = adapter_was_qlora(adapter_dir)
+    model = load_model(base_dir, dtype=torch.float32)
+    save_dtype = resolve_dtype("auto", model.config)
+    if qlora:
+        from lmstack.model.quant import quantize_model
+
+        quantize_model(model, "nf4", skip=("lm_head", "score"), compute_dtype=torch.bfloat16)
+        save_dtype = torch.bfloat16
+    load_adapter(model, adapter_dir)
+    merge_lora(model, dequant_dtype=torch.bfloat16)
+    save_model(model, out, dtype=save_dtype)
+    for name in _TOKENIZER_FILES:
+        for src in (adapter_dir / name, base_dir / name):
+            if src.is_file():
+                shutil.copy2(src, out / name)
+                break
+    logger.info("merged %s into %s -> %s (%s)", adapter_dir, base_dir, out, "from QLoRA, bf16" if qlora else save_dtype)
+    return out
