@@ -279,3 +279,15 @@ def test_metrics_and_reset_cache(model, prompts, reference):
     llm.reset_cache()
     assert not llm.block_manager.hash_to_block and llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
     check_equal(llm, prompts[:4], reference[:4])
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen3", "gpt2"])
+def test_other_families_match_reference(tmp_path, family):
+    make_tiny_hf(family, tmp_path, vocab_size=256, initializer_range=0.1)
+    model = load_model(tmp_path, dtype=torch.float32)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (2, 19, 45)]
+    ref = generate(model, prompts, 8)
+    llm = LLM.from_model(model, block_size=8, max_num_batched_tokens=16)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in outs] == ref

@@ -36,6 +36,17 @@ DEFAULT_KV_CACHE_MEMORY = 1 << 30  # bytes, when neither kv_cache_memory nor num
 PromptType = str | list[int]
 
 
+def default_cpu_dtype() -> torch.dtype:
+    """bf16 where the CPU multiplies bf16 natively (AVX512-BF16 / AMX: several times faster than fp32);
+    on CPUs without it (e.g. AVX2 only) bf16 matmuls are emulated and slower than fp32, so fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        flags = ""
+    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+
+
 class LLM:
     def __init__(self, model: str | Path | torch.nn.Module, dtype: str = "auto", tokenizer: Any = None,
                  block_size: int = 16, kv_cache_memory: int | None = None, num_kv_blocks: int | None = None,
@@ -47,8 +58,7 @@ class LLM:
 
             model_dir = Path(model)
             if dtype == "auto":
-                # bf16 on CPU by default: these CPUs run bf16 matmuls several times faster than fp32
-                dt = torch.bfloat16
+                dt = default_cpu_dtype()
             else:
                 dt = resolve_dtype(dtype)
             self.model = load_model(model_dir, dtype=dt)
