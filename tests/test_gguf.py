@@ -1,0 +1,256 @@
+"""GGUF: export -> import round trips, files written directly with the `gguf` package, llama.cpp parity."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from lmstack.gguf_io import GGUFError, export_gguf, load_gguf, load_gguf_model, permute_qk, unpermute_qk  # noqa: E402
+from lmstack.model.loading import load_model  # noqa: E402
+
+
+def _make(tmp_path_factory, family: str, **over):
+    from tests.fixtures import make_tiny_hf
+    from tests.tok_fixtures import build_test_tokenizer
+
+    d = tmp_path_factory.mktemp(family)
+    # head_dim 32: llama.cpp's CPU kernels are happy, and q8_0/q4_0 need rows that are multiples of 32
+    hf = make_tiny_hf(family, d, vocab_size=320, num_attention_heads=2, num_key_value_heads=1, **over)
+    build_test_tokenizer(d, "chatml", vocab_size=300)
+    # random-init logits are nearly flat; sharpen the head so greedy decoding has clear winners
+    model = load_model(d)
+    return d, hf, model
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return _make(tmp_path_factory, "llama")
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory):
+    return _make(tmp_path_factory, "qwen2")
+
+
+def _logits(model, ids):
+    t = torch.tensor([ids])
+    with torch.no_grad():
+        return model.compute_logits(model(t, torch.arange(len(ids))[None]))[0].float()
+
+
+def _rope(x, interleaved):
+    """Rotary embedding on (T, H, D): HF/NEOX rotates (i, i + D/2) pairs, GPT-J/llama.cpp-NORM rotates (2i, 2i+1)."""
+    T, H, D = x.shape
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    ang = torch.arange(T).float()[:, None] * inv  # (T, D/2)
+    cos, sin = ang.cos()[:, None], ang.sin()[:, None]
+    if interleaved:
+        a, b = x[..., 0::2], x[..., 1::2]
+        return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).reshape(T, H, D)
+    a, b = x[..., : D // 2], x[..., D // 2:]
+    return torch.cat([a * cos - b * sin, a * sin + b * cos], -1)
+
+
+def test_llama_qk_permutation_turns_neox_rope_into_interleaved():
+    torch.manual_seed(0)
+    H, D, C, T = 3, 8, 16, 5
+    w = torch.randn(H * D, C)
+    x = torch.randn(T, C)
+    q_hf = _rope((x @ w.t()).view(T, H, D), interleaved=False)
+    q_cpp = _rope((x @ permute_qk(w, H).t()).view(T, H, D), interleaved=True)
+    # the same attention scores: q.k is invariant to applying one permutation to both q and k
+    perm = permute_qk(torch.arange(H * D).float()[:, None], H).long().view(-1)
+    assert torch.allclose(q_cpp.reshape(T, -1), q_hf.reshape(T, -1)[:, perm], atol=1e-5)
+    assert torch.equal(unpermute_qk(permute_qk(w, H), H), w)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_export_import_roundtrip(family, llama_dir, qwen2_dir, tmp_path):
+    from lmstack.tokenizer import Tokenizer
+
+    d, _, ref_model = llama_dir if family == "llama" else qwen2_dir
+    ids = [5, 17, 123, 42, 250, 7, 99, 3]
+    ref = _logits(ref_model, ids)
+    tol = {"f32": 0.0, "f16": 2e-3, "bf16": 1.5e-2, "q8_0": 2e-2, "q4_0": 0.3}
+    for ty, atol in tol.items():
+        f = export_gguf(d, tmp_path / f"m-{ty}.gguf", ty)
+        model, tok = load_gguf_model(f, torch.float32)
+        out = _logits(model, ids)
+        err = (out - ref).abs().max().item()
+        assert err <= atol * ref.abs().max().item() + 1e-6, (ty, err)
+    # file metadata as llama.cpp expects
+    r = gguf.GGUFReader(str(tmp_path / "m-q8_0.gguf"))
+    assert r.get_field("general.architecture").contents() == family
+    assert r.get_field("tokenizer.ggml.model").contents() == "gpt2"
+    assert r.get_field("tokenizer.ggml.pre").contents() == "gpt-2"
+    assert r.get_field(f"{family}.block_count").contents() == 2
+    names = {t.name: t for t in r.tensors}
+    assert names["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    assert names["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    assert ("output.weight" in names) == (family == "llama")  # qwen2 fixture ties embeddings
+    assert (family == "qwen2") == ("blk.0.attn_q.bias" in names)
+    # the tokenizer rebuilt from GGUF encodes and decodes exactly like the original folder
+    orig = Tokenizer.from_dir(d)
+    text = "Hello world! 12 + 30 = 42\n<|im_start|>user"
+    assert tok.encode(text) == orig.encode(text)
+    assert tok.decode(orig.encode(text), skip_special_tokens=False) == text
+    assert sorted(tok.eos_token_ids) == sorted(orig.eos_token_ids)
+    assert tok.chat_template == orig.chat_template
+
+
+def _fill_kquant(rows, cols, qtype, rng):
+    """Random but valid K-quant blocks: random codes, finite small fp16 super-block scales."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
+    d = np.full((rows, cols // block), 0.01, dtype=np.float16).view(np.uint8).reshape(rows, cols // block, 2)
+    if qtype == gguf.GGMLQuantizationType.Q4_K:  # d, dmin at the start
+        raw[..., 0:2] = d
+        raw[..., 2:4] = d
+    else:  # Q6_K: d at the end
+        raw[..., size - 2:] = d
+    return raw.reshape(rows, -1)
+
+
+def test_load_file_written_by_gguf_package(tmp_path):
+    """A file made here with gguf.GGUFWriter (independent of lmstack's exporter), mixing tensor types."""
+    from tests.fixtures import make_tiny_hf
+
+    # hidden 256 so embeddings / lm_head can be K-quants (super-blocks of 256)
+    hf = make_tiny_hf("llama", tmp_path / "hf", vocab_size=64, hidden_size=256, intermediate_size=256,
+                      num_attention_heads=4, num_key_value_heads=2)
+    Q = gguf.GGMLQuantizationType
+    cfg = hf.config
+    H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    sd = {k: v.float().numpy() for k, v in hf.state_dict().items()}
+    path = tmp_path / "hand.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(256)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(H)
+    w.add_head_count_kv(Hkv)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
+    w.add_eos_token_id(2)
+
+    def perm(a, n):  # llama.cpp's convert script: reshape(n, 2, r/n/2, c).swapaxes(1, 2)
+        return a.reshape(n, 2, a.shape[0] // n // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+
+    kinds = {"q_proj": Q.Q8_0, "k_proj": Q.F16, "v_proj": Q.BF16, "o_proj": Q.Q4_0, "gate_proj": Q.Q8_0,
+             "up_proj": Q.F32, "down_proj": Q.Q8_0}
+    gnames = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    qtypes = {}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        for n, g in [("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm")]:
+            w.add_tensor(f"blk.{i}.{g}.weight", sd[p + n + ".weight"])
+            qtypes[p + n + ".weight"] = Q.F32
+        for n, qt in kinds.items():
+            key = p + ("self_attn." if n in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp.") + n + ".weight"
+            a = perm(sd[key], H) if n == "q_proj" else perm(sd[key], Hkv) if n == "k_proj" else sd[key]
+            name = f"blk.{i}.{gnames[n]}.weight"
+            if qt == Q.F32:
+                w.add_tensor(name, a)
+            elif qt == Q.F16:
+                w.add_tensor(name, a.astype(np.float16))
+            else:
+                w.add_tensor(name, gguf.quants.quantize(a, qt), raw_dtype=qt)
+            qtypes[key] = qt
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    rng = np.random.default_rng(0)
+    emb = _fill_kquant(cfg.vocab_size, 256, Q.Q6_K, rng)
+    out = _fill_kquant(cfg.vocab_size, 256, Q.Q4_K, rng)
+    w.add_tensor("token_embd.weight", emb, raw_dtype=Q.Q6_K)
+    w.add_tensor("output.weight", out, raw_dtype=Q.Q4_K)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    cfg_l, sdl, _ = load_gguf(path, with_tokenizer=False)
+    assert cfg_l.model_type == "llama" and cfg_l.num_kv_heads == Hkv and not cfg_l.tie_embeddings
+    assert cfg_l.hidden_size == 256 and cfg_l.num_layers == cfg.num_hidden_layers
+    # K-quants: same values as gguf's reference dequantizer, in (rows, cols) order
+    assert torch.equal(sdl["model.embed_tokens.weight"], torch.from_numpy(gguf.quants.dequantize(emb, Q.Q6_K)))
+    assert torch.equal(sdl["lm_head.weight"], torch.from_numpy(gguf.quants.dequantize(out, Q.Q4_K)))
+    for key, qt in qtypes.items():
+        got, ref = sdl[key].numpy(), sd[key]
+        amax = np.abs(ref).reshape(-1, 32).max(1)[:, None]
+        # per-type bounds: Q8_0 d = amax/127: error <= d/2 plus |code| * (fp16 rounding of d, done after
+        # the codes) <= d/2 + 127 d 2^-11. Q4_0 d = -signed max/8, codes -8..7: a value opposite the max
+        # clips at 7, so error <= d (+ 8 d 2^-11). F16/BF16: relative rounding.
+        bound = {Q.F32: 0 * amax, Q.Q8_0: amax / 127 * (0.5 + 127 * 2.0 ** -11), Q.Q4_0: amax / 8 * 1.01,
+                 Q.F16: amax * 2.0 ** -11, Q.BF16: amax * 2.0 ** -8}[qt] + 1e-7
+        assert (np.abs(got - ref).reshape(-1, 32) <= bound).all(), key  # also proves the q/k un-permutation
+
+
+def test_bad_inputs(llama_dir, tmp_path):
+    d, _, _ = llama_dir
+    with pytest.raises(GGUFError, match="q5_k"):
+        export_gguf(d, tmp_path / "x.gguf", "q5_k")
+    # unsupported architecture in the file
+    w = gguf.GGUFWriter(str(tmp_path / "bad.gguf"), "falcon")
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(GGUFError, match="falcon"):
+        load_gguf(tmp_path / "bad.gguf")
+    # unsupported tensor type
+    f = export_gguf(d, tmp_path / "ok.gguf", "f32")
+    r = gguf.GGUFReader(str(f))
+    w = gguf.GGUFWriter(str(tmp_path / "iq.gguf"), "llama")
+    for field in r.fields.values():
+        if field.name.startswith(("llama.", "tokenizer.")) and field.types:
+            sub = field.types[-1] if len(field.types) > 1 else None
+            w.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
+    for t in r.tensors:
+        if t.name == "blk.0.ffn_up.weight":
+            w.add_tensor(t.name, np.zeros((128, 64 // 32 * 18), np.uint8), raw_dtype=gguf.GGMLQuantizationType.IQ4_NL)
+        else:
+            w.add_tensor(t.name, np.asarray(t.data).reshape(tuple(reversed([int(x) for x in t.shape]))))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(GGUFError, match="IQ4_NL"):
+        load_gguf(tmp_path / "iq.gguf")
+
+
+# ------------------------------------------------------------------------------------ llama.cpp
+def _greedy_lmstack(model, ids, n):
+    ids = list(ids)
+    for _ in range(n):
+        ids.append(int(_logits(model, ids)[-1].argmax()))
+    return ids
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("ty", ["f32", "f16"])
+def test_llama_cpp_same_greedy_tokens(family, ty, llama_dir, qwen2_dir, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    d, _, _ = llama_dir if family == "llama" else qwen2_dir
+    f = export_gguf(d, tmp_path / f"m-{ty}.gguf", ty)
+    model, _ = load_gguf_model(f, torch.float32)
+    prompt = [5, 17, 123, 42, 250, 7]
+    n_new = 12
+    ours = _greedy_lmstack(model, prompt, n_new)
+    llm = llama_cpp.Llama(model_path=str(f), n_ctx=64, n_threads=2, logits_all=False, verbose=False, seed=0)
+    theirs = list(prompt)
+    llm.eval(theirs)
+    for _ in range(n_new):
+        logits = np.asarray(llm.scores[llm.n_tokens - 1])
+        # llama.cpp computes with f16 activations in places; compare its logits with ours as well
+        ref = _logits(model, theirs)[-1].numpy()
+        assert np.abs(logits - ref).max() < 0.02 * np.abs(ref).max() + 1e-3
+        nxt = int(logits.argmax())
+        theirs.append(nxt)
+        llm.eval([nxt])
+    assert theirs == ours
