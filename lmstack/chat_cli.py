@@ -35,7 +35,8 @@ class LocalChat:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
         self.llm = LLM(args.model, **engine_kwargs(args))
         if self.llm.tokenizer is None:
-            raise ValueError(f"{args.model} has no tokenizer.json; `lmstack chat` needs a tokenizer with a chat template")
+            raise ValueError(f"{args.model} has no tokenizer.json; `lmstack chat` needs a tokenizer with a "
+                             "chat template")
         self.args = args
 
     def _prompt_ids(self, messages: list[dict]) -> list[int]:

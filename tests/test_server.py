@@ -403,3 +403,37 @@ def test_engine_failure_is_reported_not_hung(model_dir):
         _err(httpx.post(srv.url + "/v1/completions", json={**body, "stream": False}), 503)
     finally:
         srv.stop()
+
+
+def test_serve_cli_wiring(model_dir, monkeypatch):
+    """`lmstack serve` flags reach the engine and the app (uvicorn.run is replaced by a loopback thread)."""
+    import uvicorn
+
+    from lmstack.cli import build_parser
+
+    argv = ["serve", "--model", str(model_dir), "--port", "0", "--served-model-name", "cli-model", "--api-key", "k",
+            "--dtype", "float32", "--block-size", "4", "--num-kv-blocks", "100", "--max-model-len", "128",
+            "--max-num-seqs", "3", "--no-prefix-caching"]
+    seen = {}
+
+    def fake_run(app, host, port, **kw):
+        seen.update(host=host, port=port)
+        engine = app.state.async_engine.engine
+        assert (engine.block_size, engine.block_manager.num_blocks, engine.max_model_len) == (4, 100, 128)
+        assert engine.scheduler.max_num_seqs == 3 and not engine.block_manager.enable_prefix_caching
+        srv = ServerThread(app)
+        try:
+            c = openai.OpenAI(base_url=srv.url + "/v1", api_key="k", max_retries=0)
+            assert [m.id for m in c.models.list().data] == ["cli-model"]
+            r = c.completions.create(model="cli-model", prompt="hi", max_tokens=2, extra_body={"ignore_eos": True})
+            seen["tokens"] = r.usage.completion_tokens
+            too_long = {"model": "cli-model", "prompt": [1] * 120, "max_tokens": 10}
+            e = _err(httpx.post(srv.url + "/v1/completions", json=too_long, headers={"Authorization": "Bearer k"}), 400)
+            assert "128" in e["message"]
+        finally:
+            srv.stop()
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    args = build_parser(argv).parse_args(argv)
+    assert args.func(args) == 0
+    assert seen == {"host": "127.0.0.1", "port": 0, "tokens": 2}
