@@ -74,10 +74,11 @@ def main() -> None:
                          enable_prefix_caching=False)
     llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=2))  # warm-up
     params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for o in outs]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for i, (p, sp) in enumerate(zip(prompts, params)):
         llm.add_request(f"b{i}", p, sp)
-    live_frac, contig_frac, got = [], [], 0
+    live_frac, contig_frac, padded_frac, got = [], [], [], 0
+    pad_len = max(len(p) for p in prompts) + max(outs)  # a padded batch reserves this per row
     while llm.has_unfinished_requests():
         for o in llm.step():
             if o.finished:
@@ -89,9 +90,10 @@ def main() -> None:
             reserved = sum(s.num_prompt_tokens + s.params.max_tokens for s in running)
             if reserved:
                 contig_frac.append(st.kv_live_tokens / reserved)
-    t_engine = time.perf_counter() - t0
+                padded_frac.append(st.kv_live_tokens / (len(running) * pad_len))
+    t_engine, c_engine = time.perf_counter() - t0, time.process_time() - c0
     assert got == n_out, (got, n_out)
-    results.append(["lmstack engine", t_engine, n_out / t_engine])
+    results.append(["lmstack engine", t_engine, n_out / t_engine, c_engine])
     st = llm.get_stats()
 
     # FLOPs the engine did: layer matmuls on every computed token, LM head on every sampled token,
@@ -118,31 +120,37 @@ def main() -> None:
         with torch.no_grad():
             hf.generate(ids[:1, -8:], attention_mask=mask[:1, -8:],
                         generation_config=tf.GenerationConfig(max_new_tokens=2, do_sample=False, pad_token_id=0))
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             hf.generate(ids, attention_mask=mask, generation_config=gc)
-            t_hf = time.perf_counter() - t0
-        results.append(["HF transformers generate (padded batch)", t_hf, n_out / t_hf])
+            t_hf, c_hf = time.perf_counter() - t0, time.process_time() - c0
+        results.append(["HF transformers generate (padded batch)", t_hf, n_out / t_hf, c_hf])
         del hf
 
     # ---------------------------------------------------------------- reference, one at a time
     if not a.skip_ref:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for p, o in zip(prompts[:ref_n], outs[:ref_n]):
             generate(model, [p], o)
-        t_ref = time.perf_counter() - t0
-        results.append([f"lmstack reference generate, 1 at a time ({ref_n} req)", t_ref, sum(outs[:ref_n]) / t_ref])
+        t_ref, c_ref = time.perf_counter() - t0, time.process_time() - c0
+        results.append([f"lmstack reference generate, 1 at a time ({ref_n} req)", t_ref, sum(outs[:ref_n]) / t_ref,
+                        c_ref * n / ref_n])
 
     hf_tps = next((r[2] for r in results if r[0].startswith("HF")), None)
-    rows = [[name, f"{t:.1f}", f"{tps:.1f}", f"{tps / hf_tps:.2f}x" if hf_tps else "-"] for name, t, tps in results]
+    hf_cpu = next((r[3] for r in results if r[0].startswith("HF")), None)
+    rows = [[name, f"{t:.1f}", f"{tps:.1f}", f"{tps / hf_tps:.2f}x" if hf_tps else "-", f"{cpu:.1f}",
+             f"{hf_cpu / cpu:.2f}x" if hf_cpu else "-"] for name, t, tps, cpu in results]
     print()
-    print(table(rows, ["system", "time (s)", "output tok/s", "vs HF"]))
+    print(table(rows, ["system", "time (s)", "output tok/s", "vs HF", "CPU s (all requests)", "HF CPU s / CPU s"]))
+    print("(CPU s = process CPU time, less sensitive than wall time to other load on the machine; "
+          "for the reference it is scaled to all requests)")
     print()
     print(f"engine: {flops / t_engine / 1e9:.1f} GFLOP/s achieved = {flops / t_engine / peak:.1%} of the measured "
           f"{str(dtype).replace('torch.', '')} matmul peak ({peak / 1e9:.1f} GFLOP/s, 1024x896 @ 896x4864)")
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     print(f"KV memory: paged {mean(live_frac):.1%} of allocated slots hold live tokens "
           f"(waste {1 - mean(live_frac):.1%}); contiguous prompt+max_tokens per request would be "
-          f"{mean(contig_frac):.1%} (waste {1 - mean(contig_frac):.1%}); preemptions {st.num_preemptions}")
+          f"{mean(contig_frac):.1%} (waste {1 - mean(contig_frac):.1%}), a padded batch of max prompt + max output "
+          f"per row {mean(padded_frac):.1%} (waste {1 - mean(padded_frac):.1%}); preemptions {st.num_preemptions}")
 
 
 if __name__ == "__main__":

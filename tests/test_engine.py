@@ -144,6 +144,8 @@ def test_bad_input_is_rejected_before_any_work(model, prompts, reference):
         llm.add_request("c", [5, 300], SamplingParams())
     with pytest.raises(ValueError, match="empty"):
         llm.add_request("d", [], SamplingParams())
+    with pytest.raises(ValueError, match="tokenizer"):  # from_model without a tokenizer: no text, no stop strings
+        llm.add_request("e", [5, 6], SamplingParams(stop="x"))
     assert not llm.has_unfinished_requests()
     # a rejected request does not disturb good ones
     llm = LLM.from_model(model)
@@ -291,3 +293,13 @@ def test_other_families_match_reference(tmp_path, family):
     llm = LLM.from_model(model, block_size=8, max_num_batched_tokens=16)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     assert [o.outputs[0].token_ids for o in outs] == ref
+
+
+def test_seeded_sampling_survives_preemption(model, prompts):
+    sp = [SamplingParams(temperature=1.0, top_k=50, max_tokens=MAX_NEW, seed=i, ignore_eos=True, n=1 + i % 2)
+          for i in range(len(prompts))]
+    big = LLM.from_model(model).generate(prompts, sp)
+    small = LLM.from_model(model, block_size=4, num_kv_blocks=40, max_num_batched_tokens=64)
+    got = small.generate(prompts, sp)
+    assert small.get_stats().num_preemptions > 0
+    assert [[c.token_ids for c in o.outputs] for o in got] == [[c.token_ids for c in o.outputs] for o in big]

@@ -136,6 +136,8 @@ class LLM:
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        if params.stop_strs and self.tokenizer is None:
+            raise ValueError("SamplingParams.stop (stop strings) needs a tokenizer; use stop_token_ids instead")
         text, ids = self._encode(prompt)
         n = len(ids)
         if n == 0:

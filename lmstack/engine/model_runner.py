@@ -50,12 +50,12 @@ class PagedMeta:
         m = self._dec_masks.get(window)
         if m is None:
             L = self.dec_slots.shape[1]
-            j = torch.arange(L)[None, :]
+            j = torch.arange(L, device=self.dec_ctx_lens.device)[None, :]
             ctx = self.dec_ctx_lens[:, None]
             ok = j < ctx
             if window is not None:
                 ok &= (ctx - 1 - j) < window
-            m = torch.zeros(ok.shape, dtype=self.dtype).masked_fill_(~ok, float("-inf"))[:, None, None, :]
+            m = torch.zeros(ok.shape, dtype=self.dtype, device=ok.device).masked_fill_(~ok, float("-inf"))[:, None, None, :]
             self._dec_masks[window] = m
         return m
 
@@ -167,7 +167,7 @@ class ModelRunner:
             positions.extend(range(s, s + n))
             slots = self._slots(block_tables[i], 0, s + n)
             slot_list.append(slots[s:])
-            prefills.append((row_start, n, s, None if s == 0 else slots))
+            prefills.append((row_start, n, s, None if s == 0 else slots.to(self.device)))
             last_index.append(row_start + n - 1)
         tokens = torch.tensor(flat_tokens, dtype=torch.long, device=self.device)[None]
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)[None]
