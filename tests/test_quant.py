@@ -286,3 +286,25 @@ def test_corrupted_scales_rejected(tiny_llama, tmp_path):
         save_file(sd, str(d / "model.safetensors"))
         with pytest.raises(QuantError, match=key):
             load_model(d, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_engine_greedy_on_quantized_equals_dequantized(tiny_llama, tmp_path, method):
+    """LLM(quantized folder) decodes token-for-token like the reference generate on dequantized weights."""
+    from lmstack.engine.llm import LLM
+    from lmstack.engine.sampling_params import SamplingParams
+    from lmstack.generate import generate
+    from lmstack.model.loading import load_model
+
+    save_quantized(quantize_model(load_model(tiny_llama, dtype=torch.float32), method, group_size=32), tmp_path)
+    loaded = load_model(tmp_path, dtype=torch.float32)
+    deq = load_model(tiny_llama, dtype=torch.float32)
+    with torch.no_grad():
+        for n, m in loaded.named_modules():
+            if hasattr(m, "dequantize") and n:
+                deq.get_submodule(n).weight.copy_(m.dequantize())
+    prompts = [[5, 17, 123, 42], [250, 7, 99, 3, 11, 64, 8]]
+    ref = generate(deq, prompts, 10)
+    llm = LLM(str(tmp_path), dtype="float32", num_kv_blocks=16, block_size=4)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+    assert [list(o.outputs[0].token_ids) for o in outs] == ref
