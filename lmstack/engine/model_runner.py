@@ -4,9 +4,10 @@ Batch layout (vLLM style): all scheduled sequences' new tokens are concatenated 
 tokens (1, T) with per-token positions. Decodes (one new token) come first, then prefill chunks.
 `PagedMeta.attend` is called by every layer with that row's q/k/v (after RoPE): it writes the new
 k/v into the paged pool at `slot_mapping` (slot = block_id * block_size + offset), then
-  - decodes: gathers every decode sequence's context into one padded (S, Hkv, Lmax, D) tensor and
-    runs a single SDPA call with an additive mask for the padding (and sliding window). The G query
-    heads that share a KV head are laid out as G "query positions", so GQA needs no K/V copy.
+  - decodes: gathers every decode sequence's blocks (whole blocks, one index_select) into one
+    padded (S, Hkv, Lmax, D) tensor and runs a single SDPA call with an additive mask for the
+    padding (and sliding window). The G query heads that share a KV head are laid out as G "query
+    positions", so GQA needs no K/V copy.
   - prefill chunks: one SDPA call per sequence; when the chunk is the whole context (no cached
     prefix) it attends over its own k/v with `is_causal`, otherwise over its gathered context with
     the query offset (chunked prefill, prefix-cache hit, recompute after preemption).
@@ -14,8 +15,6 @@ Only the hidden state of the last token of each sequence that completes its pend
 through the LM head: never full-vocab logits for every prompt token.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -33,23 +32,32 @@ def kv_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) 
 class PagedMeta:
     """Per-step attention metadata; owns no state beyond this step (the pool belongs to the runner)."""
 
-    def __init__(self, k_pool: list[torch.Tensor], v_pool: list[torch.Tensor], slot_mapping: torch.Tensor,
-                 num_decodes: int, dec_slots: torch.Tensor | None, dec_ctx_lens: torch.Tensor | None,
+    def __init__(self, k_blocks: list[torch.Tensor], v_blocks: list[torch.Tensor], slot_mapping: torch.Tensor,
+                 num_decodes: int, dec_blocks: torch.Tensor | None, dec_ctx_lens: torch.Tensor | None,
                  prefills: list[tuple[int, int, int, torch.Tensor | None]], dtype: torch.dtype) -> None:
-        self.k_pool, self.v_pool = k_pool, v_pool  # per layer (num_blocks * block_size, Hkv, D)
-        self.slot_mapping = slot_mapping  # (T,) pool slot of every new token
+        self.k_blocks, self.v_blocks = k_blocks, v_blocks  # per layer (num_blocks, block_size, Hkv, D)
+        self.slot_mapping = slot_mapping  # (T,) pool slot (block_id * block_size + offset) of every new token
         self.num_decodes = num_decodes
-        self.dec_slots = dec_slots  # (S, Lmax) pool slots of each decode's context (padded with 0)
+        self.dec_blocks = dec_blocks  # (S, nblk) block table of each decode, padded with block 0
         self.dec_ctx_lens = dec_ctx_lens  # (S,)
-        self.prefills = prefills  # (start in row, num new tokens, num tokens before the chunk, context slots|None)
+        # prefill chunks: (start in row, num new tokens, num tokens before the chunk, block ids | None)
+        self.prefills = prefills
         self.dtype = dtype
         self._dec_masks: dict[int | None, torch.Tensor] = {}
+
+    @staticmethod
+    def gather(pool: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+        """Whole blocks, copied in block-sized chunks (much faster than gathering token rows):
+        pool (num_blocks, bs, Hkv, D), block_ids (..., nblk) -> (..., nblk * bs, Hkv, D)."""
+        bs, Hkv, D = pool.shape[1:]
+        out = pool.index_select(0, block_ids.reshape(-1))
+        return out.view(*block_ids.shape[:-1], block_ids.shape[-1] * bs, Hkv, D)
 
     def _decode_mask(self, window: int | None) -> torch.Tensor:
         """(S, 1, 1, Lmax) additive mask: 0 where key j is visible to the query at ctx_len - 1."""
         m = self._dec_masks.get(window)
         if m is None:
-            L = self.dec_slots.shape[1]
+            L = self.dec_blocks.shape[1] * self.k_blocks[0].shape[1]
             j = torch.arange(L, device=self.dec_ctx_lens.device)[None, :]
             ctx = self.dec_ctx_lens[:, None]
             ok = j < ctx
@@ -65,24 +73,26 @@ class PagedMeta:
         _, T, H, D = q.shape
         Hkv = k.shape[2]
         G = H // Hkv
-        kp, vp = self.k_pool[layer_idx], self.v_pool[layer_idx]
-        kp.index_copy_(0, self.slot_mapping, k[0].to(kp.dtype))
-        vp.index_copy_(0, self.slot_mapping, v[0].to(vp.dtype))
+        kb, vb = self.k_blocks[layer_idx], self.v_blocks[layer_idx]
+        flat = (-1, Hkv, D)
+        kb.view(flat).index_copy_(0, self.slot_mapping, k[0].to(kb.dtype))
+        vb.view(flat).index_copy_(0, self.slot_mapping, v[0].to(vb.dtype))
         out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
         nd = self.num_decodes
         if nd:
             qd = q[0, :nd].view(nd, Hkv, G, D)  # (S, Hkv, G, D): G query heads per kv head
-            kd = kp[self.dec_slots].transpose(1, 2)  # (S, Hkv, Lmax, D)
-            vd = vp[self.dec_slots].transpose(1, 2)
+            kd = self.gather(kb, self.dec_blocks).transpose(1, 2)  # (S, Hkv, Lmax, D)
+            vd = self.gather(vb, self.dec_blocks).transpose(1, 2)
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self._decode_mask(window))
             out[:nd] = od.reshape(nd, H, D)
-        for start, n, n_before, ctx_slots in self.prefills:
+        for start, n, n_before, ctx_blocks in self.prefills:
             qs = q[:, start:start + n].transpose(1, 2)  # (1, H, n, D)
-            if ctx_slots is None:  # the chunk is the whole context
+            if ctx_blocks is None:  # the chunk is the whole context
                 ks, vs = k[:, start:start + n].transpose(1, 2), v[:, start:start + n].transpose(1, 2)
             else:
-                ks = kp[ctx_slots].transpose(0, 1)[None]  # (1, Hkv, n_before + n, D)
-                vs = vp[ctx_slots].transpose(0, 1)[None]
+                L = n_before + n
+                ks = self.gather(kb, ctx_blocks)[:L].transpose(0, 1)[None]  # (1, Hkv, n_before + n, D)
+                vs = self.gather(vb, ctx_blocks)[:L].transpose(0, 1)[None]
             o = attention(qs, ks, vs, impl="sdpa", causal=True, window=window, q_offset=n_before)
             out[start:start + n] = o[0].transpose(0, 1)
         return out[None]
@@ -100,9 +110,6 @@ class ModelRunner:
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(cfg.num_layers)]
         self.v_cache = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(cfg.num_layers)]
-        flat = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.k_flat = [c.view(flat) for c in self.k_cache]  # slot-indexed views of the same memory
-        self.v_flat = [c.view(flat) for c in self.v_cache]
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole blocks (all layers) before the forward writes into them."""
@@ -137,7 +144,7 @@ class ModelRunner:
         while nd < len(token_ids) and len(token_ids[nd]) == 1:
             nd += 1
         # decodes: scalar arithmetic is cheaper than tensor ops for one token each
-        dec_slots = dec_ctx = None
+        dec_blocks = dec_ctx = None
         if nd:
             dec_slot_vals = []
             for i in range(nd):
@@ -151,10 +158,7 @@ class ModelRunner:
             bt = torch.zeros(nd, nblk, dtype=torch.long)
             for i in range(nd):
                 bt[i, : len(block_tables[i])] = torch.tensor(block_tables[i], dtype=torch.long)
-            L = int(ctx.max())
-            j = torch.arange(L)
-            dec_slots = bt[:, j // bs] * bs + (j % bs)[None, :]  # (S, L)
-            dec_ctx = ctx
+            dec_blocks, dec_ctx = bt, ctx
         prefills = []
         last_index: list[int] = []
         for i in range(nd):
@@ -165,14 +169,16 @@ class ModelRunner:
             row_start = len(flat_tokens)
             flat_tokens.extend(ids)
             positions.extend(range(s, s + n))
-            slots = self._slots(block_tables[i], 0, s + n)
-            slot_list.append(slots[s:])
-            prefills.append((row_start, n, s, None if s == 0 else slots.to(self.device)))
+            slot_list.append(self._slots(block_tables[i], s, s + n))
+            ctx_blocks = None
+            if s:
+                ctx_blocks = torch.tensor(block_tables[i][: -(-(s + n) // bs)], dtype=torch.long, device=self.device)
+            prefills.append((row_start, n, s, ctx_blocks))
             last_index.append(row_start + n - 1)
         tokens = torch.tensor(flat_tokens, dtype=torch.long, device=self.device)[None]
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)[None]
-        meta = PagedMeta(self.k_flat, self.v_flat, torch.cat(slot_list).to(self.device), nd,
-                         None if dec_slots is None else dec_slots.to(self.device),
+        meta = PagedMeta(self.k_cache, self.v_cache, torch.cat(slot_list).to(self.device), nd,
+                         None if dec_blocks is None else dec_blocks.to(self.device),
                          None if dec_ctx is None else dec_ctx.to(self.device), prefills, self.model.dtype)
         hidden = self.model(tokens, pos, meta=meta)  # (1, T, D)
         rows = [last_index[i] for i in range(len(token_ids)) if sample_mask[i]]
