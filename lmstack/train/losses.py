@@ -282,7 +282,7 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     - "robust" (Chowdhury et al. 2024, provably robust DPO, unbiased under flip rate ε < 1/2):
         loss = [-(1-ε) log σ(β h) + ε log σ(-β h)] / (1 - 2ε)
     - "hinge" (SLiC, Zhao et al. 2023): loss = max(0, 1 - β h)
-    - "ipo" (Azar et al. 2023, eq. 17 with τ = β): loss = (h - 1/(2β))²; IPO is usually run on
+    - "ipo" (Azar et al. 2023, with τ = β): loss = (h - 1/(2β))²; IPO is usually run on
       length-averaged log-probs; pass averaged or summed ones as you intend.
 
     The implicit rewards r = β (log π - log π_ref) are reported as rewards/chosen, rewards/rejected.
@@ -330,7 +330,7 @@ def kto_kl_estimate(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -
     """KTO's reference point z0 = max(0, mean[log π(y'|x) - log π_ref(y'|x)]), detached.
 
     The log-probs are of *mismatched* pairs (x, y'): each prompt paired with another example's
-    completion from the same batch (Ethayarajh et al. 2024, sec. 4.1), a biased but cheap
+    completion from the same batch (Ethayarajh et al. 2024), a biased but cheap
     estimate of KL(π || π_ref). Under data parallelism, average across processes before use.
     """
     _same_shape(policy_kl_logps=policy_kl_logps, ref_kl_logps=ref_kl_logps)
@@ -342,7 +342,7 @@ def kto_kl_estimate(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -
 def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, labels: torch.Tensor,
              kl: torch.Tensor | float, beta: float = 0.1, desirable_weight: float = 1.0,
              undesirable_weight: float = 1.0) -> tuple[torch.Tensor, Metrics]:
-    """Kahneman-Tversky Optimization (Ethayarajh et al. 2024, eq. 8) on unpaired labelled examples.
+    """Kahneman-Tversky Optimization (Ethayarajh et al. 2024) on unpaired labelled examples.
 
     With r = log π(y|x) - log π_ref(y|x) and reference point z0 = max(0, KL) (detached):
 
@@ -406,7 +406,7 @@ def _check_lengths(name: str, lengths: torch.Tensor) -> None:
 def orpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
               chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor,
               lam: float = 0.1) -> tuple[torch.Tensor, Metrics]:
-    """Odds Ratio Preference Optimization (Hong et al. 2024, eqs. 6-7); no reference model.
+    """Odds Ratio Preference Optimization (Hong et al. 2024); no reference model.
 
         P(y|x)  = exp(log π(y|x) / |y|)           (length-averaged likelihood)
         odds(y) = P / (1 - P),   log odds = log P - log(1 - P)
@@ -443,7 +443,7 @@ def orpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Te
 def simpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
                chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor, beta: float = 2.0,
                gamma_beta_ratio: float = 0.5, label_smoothing: float = 0.0) -> tuple[torch.Tensor, Metrics]:
-    """Simple Preference Optimization (Meng et al. 2024, eq. 6); no reference model.
+    """Simple Preference Optimization (Meng et al. 2024); no reference model.
 
         r(x, y) = β / |y| · log π(y|x)                (length-normalized reward)
         loss    = -log σ(r(x, y_w) - r(x, y_l) - γ)
