@@ -31,6 +31,9 @@ def test_overrides_are_typed(tmp_path):
     assert cfg.optim.betas == [0.9, 0.99] and cfg.training.gradient_checkpointing is True
     assert cfg.data.train == ["a.jsonl", "b.jsonl"]
     assert load_config(raw={**MIN, "lora": {"r": 2}}, overrides=["lora=null"]).lora is None
+    for value in ("all-linear", "[all-linear]"):
+        cfg = load_config(raw=MIN, overrides=[f"lora.target_modules={value}"])
+        assert cfg.lora.target_modules == "all-linear" and cfg.lora.spec().target_modules == "all-linear"
 
 
 def test_unknown_keys_suggest_the_right_one(tmp_path):
@@ -110,3 +113,5 @@ def test_example_configs_are_valid(name):
     assert (cfg.lora is not None) == ("lora" in name) and (cfg.model.init is not None) == (name == "pretrain")
     if name == "sft_qlora":
         assert cfg.lora.qlora
+    if cfg.lora is not None:
+        assert cfg.lora.spec().target_modules == "all-linear"

@@ -60,6 +60,12 @@ def test_accumulation_invariance_grads(setup):
     assert l8 == pytest.approx(nll / n, rel=1e-5) and l1 == pytest.approx(nll / n, rel=1e-5)
     for a, b in zip(g8, g1):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    # Gradient checkpointing recomputes activations in backward: same gradients.
+    model.gradient_checkpointing = True
+    lc, _, gc = run([stage.collate(exs)])
+    assert lc == pytest.approx(l8, rel=1e-6)
+    for a, b in zip(g8, gc):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
 def test_batch8_accum1_equals_batch1_accum8(setup):

@@ -48,6 +48,8 @@ class LoraSpec:
         if isinstance(self.target_modules, str):
             if self.target_modules != "all-linear":
                 self.target_modules = [self.target_modules]
+        elif list(self.target_modules) == ["all-linear"]:
+            self.target_modules = "all-linear"
         elif not self.target_modules:
             raise ConfigError("lora.target_modules is empty; give module names (e.g. [q_proj, v_proj]) or 'all-linear'")
 

@@ -162,6 +162,8 @@ class LoraSection:
     qlora: bool = False  # base weights stored as NF4, computed in bf16
 
     def __post_init__(self) -> None:
+        if isinstance(self.target_modules, list) and self.target_modules == ["all-linear"]:
+            self.target_modules = "all-linear"
         self.spec()  # validates
 
     def spec(self):  # -> lmstack.model.lora.LoraSpec

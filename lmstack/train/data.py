@@ -277,20 +277,32 @@ def load_text(paths: Sequence[str | Path], tok: TokenizerLike, max_len: int, pac
         raise DataError("the tokenizer has no EOS token; pretraining needs one between documents")
     stream: list[int] = []
     out: list[Example] = []
+    texts: list[str] = []
+
+    def flush() -> None:
+        # Batch-encode (the Rust tokenizer parallelises a batch) when the tokenizer offers it.
+        enc = tok.encode_batch(texts, add_special_tokens=True) if hasattr(tok, "encode_batch") else \
+            [tok.encode(t, add_special_tokens=True) for t in texts]
+        for ids in enc:
+            ids = list(ids) + [eos]
+            if packing:
+                stream.extend(ids)
+            else:
+                ex = _truncate(Example(ids, [True] * len(ids)), max_len, stats)
+                if ex is not None:
+                    out.append(ex)
+        texts.clear()
+
     for where, rec in iter_files(paths):
         text = _need(rec, text_field, where, "text")
         if not isinstance(text, str):
             raise DataError(f"{where}: column {text_field!r} must be a string")
         stats.examples += 1
-        if not text:
-            continue
-        ids = list(tok.encode(text, add_special_tokens=True)) + [eos]
-        if packing:
-            stream += ids
-        else:
-            ex = _truncate(Example(ids, [True] * len(ids)), max_len, stats)
-            if ex is not None:
-                out.append(ex)
+        if text:
+            texts.append(text)
+        if len(texts) >= 1024:
+            flush()
+    flush()
     if packing:
         for s in range(0, len(stream), max_len):
             block = stream[s: s + max_len]

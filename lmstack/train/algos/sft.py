@@ -6,7 +6,7 @@ from torch import nn
 
 from lmstack.train.algos import LossOutput, Stage, register
 from lmstack.train.data import IGNORE, Example, collate_lm, load_sft
-from lmstack.train.losses import chunked_nll
+from lmstack.train.fused_ce import fused_linear_nll
 
 
 def lm_head_weight(model: nn.Module) -> torch.Tensor:
@@ -17,11 +17,11 @@ def lm_head_weight(model: nn.Module) -> torch.Tensor:
     return head.weight
 
 
-def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int = 1024) -> LossOutput:
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int = 2048) -> LossOutput:
     """Summed next-token NLL over target tokens; the (B, T, V) logits are never built at once."""
     hidden = model(batch["tokens"], batch["positions"])  # (B, T, D)
     labels = batch["labels"]  # (B, T), IGNORE where not a target
-    total = chunked_nll(hidden, lm_head_weight(model), labels, chunk=chunk, ignore_index=IGNORE, reduction="sum")
+    total = fused_linear_nll(hidden, lm_head_weight(model), labels, ignore_index=IGNORE, chunk=chunk)
     return LossOutput(total, (labels != IGNORE).sum(), {})
 
 

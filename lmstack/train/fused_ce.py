@@ -1,0 +1,74 @@
+"""Fused linear + cross-entropy for training: the summed next-token NLL straight from hidden states.
+
+Full-vocabulary logits are the largest activation of a small LM (T x V floats per sequence, more
+with their fp32 copies and gradients). Here they exist only `chunk` rows at a time, and only for
+rows that have a target (SFT masks the prompt, so often half the rows are skipped outright).
+Because the loss is a scalar sum, its gradients w.r.t. the hidden states and the output weight are
+computed in the same pass (Liger-kernel style: d loss / d logits = softmax - onehot); backward
+only scales them by the incoming gradient. So the lm_head costs three matmuls, as unfused, with
+O(chunk x V) extra memory. `lmstack.train.losses.chunked_nll` is the recompute-in-backward
+variant (four matmuls, nothing kept); this one trades a (N, D) + (V, D) gradient buffer for speed.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class _FusedLinearNLL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                compute_dtype: torch.dtype) -> torch.Tensor:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n = hidden.shape[0]
+        w = weight.to(compute_dtype)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        acc_w = torch.promote_types(weight.dtype, torch.float32)
+        grad_w = torch.zeros(weight.shape, dtype=acc_w, device=weight.device) if need_w else None
+        acc = torch.promote_types(compute_dtype, torch.float32)  # softmax in fp32 (fp64 if computing in fp64)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        for s in range(0, n, chunk):
+            h = hidden[s:s + chunk].to(compute_dtype)
+            y = targets[s:s + chunk]
+            logits = (h @ w.t()).to(acc)  # (C, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (C,)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if need_h or need_w:
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                g.scatter_add_(1, y[:, None], torch.full_like(lse[:, None], -1.0))  # softmax - onehot
+                g = g.to(compute_dtype)
+                if need_h:
+                    grad_h[s:s + chunk] = (g @ w).to(hidden.dtype)
+                if need_w:
+                    grad_w += (g.t() @ h).to(acc_w)
+        ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out.to(grad_w.dtype)).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None
+
+
+def fused_linear_nll(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                     chunk: int = 2048) -> torch.Tensor:
+    """sum over positions with labels != ignore_index of -log softmax(hidden @ weight.T)[label].
+
+    hidden (..., D), weight (V, D), labels (...) int64. Equals
+    F.cross_entropy(hidden @ weight.T, labels, ignore_index=..., reduction="sum") in value and
+    gradient. Under autocast the matmuls run in the autocast dtype, the softmax in fp32.
+    """
+    D = hidden.shape[-1]
+    h = hidden.reshape(-1, D)  # (N, D)
+    y = labels.reshape(-1)
+    keep = (y != ignore_index).nonzero().squeeze(1)
+    if keep.numel() == 0:
+        return (hidden.sum() * 0.0).float()  # no targets: a zero that still connects to the graph
+    h, y = h.index_select(0, keep), y.index_select(0, keep)  # only rows with a target
+    if int(y.min()) < 0 or int(y.max()) >= weight.shape[0]:
+        raise ValueError(f"labels must lie in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}")
+    dev = hidden.device.type
+    cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(h.dtype, weight.dtype)
+    return _FusedLinearNLL.apply(h, weight, y, chunk, cdt)

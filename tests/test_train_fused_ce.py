@@ -1,0 +1,40 @@
+"""The fused linear + cross-entropy used by pretrain/SFT equals F.cross_entropy on full logits."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmstack.train.fused_ce import fused_linear_nll
+
+
+@pytest.mark.parametrize("chunk", [3, 1000])
+def test_value_and_gradients_match_full_logits(chunk):
+    torch.manual_seed(0)
+    h = torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 50, (2, 7))
+    y[0, :3] = -100  # masked prompt
+    y[1, -1] = -100
+    ours = fused_linear_nll(h, w, y, chunk=chunk)
+    gh, gw = torch.autograd.grad(2.5 * ours, (h, w))
+    ref = F.cross_entropy((h @ w.T).reshape(-1, 50), y.reshape(-1), ignore_index=-100, reduction="sum")
+    rh, rw = torch.autograd.grad(2.5 * ref, (h, w))
+    torch.testing.assert_close(ours.double(), ref)
+    torch.testing.assert_close(gh, rh)
+    torch.testing.assert_close(gw, rw)
+    assert gh[0, :3].abs().sum() == 0  # masked rows get no gradient
+
+
+def test_frozen_weight_and_no_targets():
+    torch.manual_seed(0)
+    h = torch.randn(1, 4, 8, requires_grad=True)
+    w = torch.randn(20, 8)  # frozen (LoRA): no weight gradient is computed
+    y = torch.tensor([[1, 2, 3, -100]])
+    (gh,) = torch.autograd.grad(fused_linear_nll(h, w, y), (h,))
+    (rh,) = torch.autograd.grad(F.cross_entropy((h @ w.T)[0], y[0], reduction="sum"), (h,))
+    torch.testing.assert_close(gh, rh)
+    none = fused_linear_nll(h, w, torch.full((1, 4), -100))
+    assert none.item() == 0.0 and torch.autograd.grad(none, (h,))[0].abs().sum() == 0
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 20\)"):
+        fused_linear_nll(h, w, torch.tensor([[1, 2, 25, -100]]))
