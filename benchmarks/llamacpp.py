@@ -1,0 +1,145 @@
+"""lmstack versus llama.cpp (llama-cpp-python) on the same weights, same machine, same run.
+
+A random-weight model with Qwen2.5-0.5B's shape (../shared/bench_models/qwen2.5-0.5b/config.json)
+is exported to GGUF (BF16, Q8_0, Q4_0) and run by llama-cpp-python; lmstack runs the same weights
+as bf16 (or fp32 compute where the CPU lacks native bf16), int8 and int4 (weight-only, aten's
+packed CPU kernels). Two numbers per pair:
+  - single-stream decode tok/s (one request, greedy, prompt excluded);
+  - total tok/s for 16 concurrent requests (lmstack: continuous batching in one engine;
+    llama-cpp-python's Llama serves one sequence at a time, so its 16 requests run back to back).
+Targets (issue 7): single stream >= 0.8x llama.cpp at the same bit width; 16 requests >= 2x.
+
+    python benchmarks/llamacpp.py [--layers N] [--new-tokens 32] [--prompt-len 32]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from benchmarks._engine_common import bench_config, pick_dtype, random_model, table  # noqa: E402
+from lmstack.engine.llm import LLM  # noqa: E402
+from lmstack.engine.sampling_params import SamplingParams  # noqa: E402
+from lmstack.gguf_io import export_gguf  # noqa: E402
+from lmstack.model.loading import save_model  # noqa: E402
+from lmstack.model.quant import quantize_model  # noqa: E402
+
+
+def byte_tokenizer(out: Path) -> None:
+    """A 256-byte BPE tokenizer (no merges) + <|endoftext|>: enough for a GGUF; we feed token ids."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "bos_token": None}))
+
+
+def lmstack_run(model, prompts: list[list[int]], n_new: int) -> tuple[float, float]:
+    llm = LLM(model, max_num_seqs=len(prompts), kv_cache_memory=512 << 20)
+    p = SamplingParams(max_tokens=n_new, temperature=0.0, ignore_eos=True)
+    llm.generate([prompts[0]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))  # warm-up
+    # single stream: time to first token excluded (decode only)
+    t0 = time.perf_counter()
+    llm.generate([prompts[0]], SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+    prefill = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    llm.generate([prompts[0]], p)
+    single = (n_new - 1) / max(time.perf_counter() - t0 - prefill, 1e-9)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, p)
+    total = sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t0)
+    return single, total
+
+
+def llamacpp_run(path: Path, prompts: list[list[int]], n_new: int, threads: int) -> tuple[float, float]:
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=512, n_batch=256, n_threads=threads, logits_all=False, verbose=False)
+
+    def one(prompt: list[int]) -> float:
+        llm.reset()
+        llm.eval(prompt)
+        t0 = time.perf_counter()
+        for _ in range(n_new - 1):
+            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            llm.eval([nxt])
+        return (n_new - 1) / (time.perf_counter() - t0)
+
+    one(prompts[0][:8])  # warm-up
+    single = one(prompts[0])
+    t0 = time.perf_counter()
+    for pr in prompts:
+        one(pr)
+    total = len(prompts) * (n_new - 1) / (time.perf_counter() - t0)
+    return single, total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=None, help="override num_layers (default: the real 24)")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--dtype", default="auto", help="lmstack float compute dtype: auto | bfloat16 | float32")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        raise SystemExit("needs llama-cpp-python: pip install llama-cpp-python") from None
+
+    cfg = bench_config(args.layers)
+    dt = pick_dtype(args.dtype)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(300, cfg.vocab_size, (args.prompt_len,), generator=g).tolist()
+               for _ in range(args.requests)]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp) / "model"
+        base = random_model(cfg, torch.float32)
+        save_model(base, d, dtype=torch.bfloat16)
+        byte_tokenizer(d)
+        ggufs = {}
+        for ty in ("bf16", "q8_0", "q4_0"):
+            t0 = time.perf_counter()
+            ggufs[ty] = export_gguf(d, Path(tmp) / f"m-{ty}.gguf", ty)
+            print(f"exported {ty} in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+        pairs = [("16-bit", None, "bf16"), ("8-bit", "int8", "q8_0"), ("4-bit", "int4", "q4_0")]
+        for label, method, ty in pairs:
+            m = random_model(cfg, torch.float32)
+            if method is not None:
+                quantize_model(m, method, 128)
+            for mod in m.modules():  # float parts in the compute dtype
+                if not hasattr(mod, "dequantize"):
+                    mod._apply(lambda t: t.to(dt) if t.is_floating_point() else t, recurse=False)
+            ours = lmstack_run(m, prompts, args.new_tokens)
+            del m
+            theirs = llamacpp_run(ggufs[ty], prompts, args.new_tokens, args.threads)
+            name = f"lmstack {method or str(dt).replace('torch.', '')} vs llama.cpp {ty.upper()}"
+            rows.append([label, name, f"{ours[0]:.1f}", f"{theirs[0]:.1f}", f"{ours[0] / theirs[0]:.2f}x",
+                         f"{ours[1]:.1f}", f"{theirs[1]:.1f}", f"{ours[1] / theirs[1]:.2f}x"])
+            print(f"done {label}", file=sys.stderr)
+    print(f"Qwen2.5-0.5B shape ({cfg.num_layers} layers), random weights; prompt {args.prompt_len}, "
+          f"{args.new_tokens} new tokens, {args.requests} concurrent requests, {args.threads} threads")
+    print(table(rows, ["bits", "pair", "lmstack 1-stream tok/s", "llama.cpp 1-stream tok/s", "ratio (>=0.8)",
+                       f"lmstack {args.requests}-req tok/s", f"llama.cpp {args.requests}-req tok/s",
+                       "ratio (>=2)"]))
+
+
+if __name__ == "__main__":
+    main()
