@@ -195,3 +195,50 @@ def test_plot_run_writes_pngs(tmp_path):
     paths = plot_run(tmp_path)
     assert [p.name for p in paths] == ["loss.png", "metrics.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
+
+
+class _ToyOnline(SFT):
+    """The alignment-stage contract in miniature: an extra trainable module (a value head) from
+    `setup`, micro-batches produced by `rollout`, stage metrics from `loss` and `evaluate`."""
+
+    name = "toy_online"
+
+    def setup(self, model, device):
+        torch.manual_seed(1)
+        self.head = torch.nn.Linear(model.config.hidden_size, 1)
+        self.rollouts = 0
+        return [self.head]
+
+    def rollout(self, model, examples):
+        self.rollouts += 1
+        half = len(examples) // 2
+        return [self.collate(examples[:half]), self.collate(examples[half:])]
+
+    def loss(self, model, batch):
+        from lmstack.train.algos import LossOutput
+        from lmstack.train.fused_ce import fused_linear_nll
+
+        hidden = model(batch["tokens"], batch["positions"])
+        n = (batch["labels"] != -100).sum()
+        value = self.head(hidden).squeeze(-1).pow(2).mean()
+        total = fused_linear_nll(hidden, model.lm_head.weight, batch["labels"]) + value * n
+        return LossOutput(total, n, {"value": value})
+
+    def evaluate(self, model):
+        return {"rollouts": float(self.rollouts)}
+
+
+def test_online_stage_with_extra_module(setup):
+    from safetensors.torch import load_file
+
+    tmp, md, data = setup
+    cfg = load_config(raw=base_cfg(md, data, tmp / "online", max_steps=4, batch_size=2, eval_every=2), stage="sft")
+    stage = _ToyOnline(cfg, Tokenizer.from_dir(md))
+    res = train(stage, cfg)
+    assert stage.rollouts == 2  # 2 prompts -> 2 micro-batches -> one rollout per 2 steps
+    assert all("value" in r for r in res.metrics if "loss" in r)
+    assert [r["eval_rollouts"] for r in res.metrics if "eval_rollouts" in r] == [1.0, 2.0]
+    ckpt = load_file(str(next((tmp / "online" / "checkpoints").iterdir()) / "trainable.safetensors"))
+    torch.manual_seed(1)
+    init = torch.nn.Linear(stage.head.in_features, 1).weight
+    assert torch.equal(ckpt["extra.0.weight"], stage.head.weight.detach()) and not torch.equal(ckpt["extra.0.weight"], init)

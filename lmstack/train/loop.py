@@ -422,15 +422,18 @@ def _batches(stage: Stage, data: list, batch_size: int, di: DistInfo, limit: int
 
 @torch.no_grad()
 def evaluate(stage: Stage, model: nn.Module, data: list, cfg: TrainConfig, di: DistInfo) -> dict[str, float]:
+    """eval_loss over `data` (offline stages) plus the stage's own `evaluate(model)` metrics."""
     was_training = model.training
     model.eval()
-    tot = torch.zeros(2, dtype=torch.float64)
-    for mb in _batches(stage, data, cfg.training.batch_size, di, cfg.training.eval_batches):
-        with _autocast(cfg, di.device):
-            out = stage.loss(model, _to_device(mb, di.device))
-        tot += torch.tensor([_scalar(out.total), _scalar(out.count)], dtype=torch.float64)
-    _all_reduce_(tot, di)
-    res = {"eval_loss": float(tot[0] / max(tot[1], 1.0))}
+    res: dict[str, float] = {}
+    if data and not hasattr(stage, "rollout"):  # online stages' eval data are prompts, not loss batches
+        tot = torch.zeros(2, dtype=torch.float64)
+        for mb in _batches(stage, data, cfg.training.batch_size, di, cfg.training.eval_batches):
+            with _autocast(cfg, di.device):
+                out = stage.loss(model, _to_device(mb, di.device))
+            tot += torch.tensor([_scalar(out.total), _scalar(out.count)], dtype=torch.float64)
+        _all_reduce_(tot, di)
+        res["eval_loss"] = float(tot[0] / max(tot[1], 1.0))
     if hasattr(stage, "evaluate"):
         res.update({f"eval_{k}" if not k.startswith("eval") else k: float(v) for k, v in stage.evaluate(model).items()})
     model.train(was_training)
@@ -522,6 +525,7 @@ def _train(stage_arg: Stage | str, cfg: TrainConfig, di: DistInfo, tokenizer: An
             for p in run.params:
                 dist.broadcast(p.data, src=0)
     online = hasattr(stage, "rollout")
+    can_eval = bool(eval_data) or hasattr(stage, "evaluate")
     if tc.max_steps:
         run.max_steps = tc.max_steps
     else:
@@ -566,7 +570,7 @@ def _train(stage_arg: Stage | str, cfg: TrainConfig, di: DistInfo, tokenizer: An
                 metrics.write(row)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
             bar.update(1)
-            if eval_data and tc.eval_every and run.step % tc.eval_every == 0 and run.step < run.max_steps:
+            if can_eval and tc.eval_every and run.step % tc.eval_every == 0 and run.step < run.max_steps:
                 metrics.write({"step": run.step, **evaluate(stage, model, eval_data, cfg, di)})
             if tc.save_every and run.step % tc.save_every == 0 and run.step < run.max_steps:
                 run.save(out, run.step, sampler.state_dict(), _rng_state())
@@ -586,7 +590,7 @@ def _train(stage_arg: Stage | str, cfg: TrainConfig, di: DistInfo, tokenizer: An
 
     final_dir = None
     if not interrupted:
-        if eval_data:
+        if can_eval:
             metrics.write({"step": run.step, **evaluate(stage, model, eval_data, cfg, di)})
         if di.main:
             final_dir = _save_final(cfg, stage, model, tokenizer, out)
