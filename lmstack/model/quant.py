@@ -193,9 +193,22 @@ def dequantize_nf4(t: dict[str, torch.Tensor], shape: Iterable[int], dtype: torc
     for s in shape:
         n *= s
     absmax = nf4_absmax(t, scale_block_size)  # (B,)
-    codes = unpack_int4(t["codes"])[: absmax.numel() * block_size].long()
-    vals = NF4_CODEBOOK.to(absmax.device)[codes].view(-1, block_size) * absmax[:, None]  # (B, 64)
+    # one gather per packed byte: LUT[b] = (level[b & 15], level[b >> 4]), the two weights it holds
+    lut = _nf4_pair_lut(absmax.device)
+    vals = lut[t["codes"].long()].view(-1)[: absmax.numel() * block_size]  # (B*64,)
+    vals = vals.view(-1, block_size) * absmax[:, None]  # (B, 64)
     return vals.reshape(-1)[:n].view(shape).to(dtype)
+
+
+_NF4_LUT: dict[torch.device, torch.Tensor] = {}
+
+
+def _nf4_pair_lut(device: torch.device) -> torch.Tensor:
+    lut = _NF4_LUT.get(device)
+    if lut is None:
+        b = torch.arange(256)
+        lut = _NF4_LUT[device] = torch.stack([NF4_CODEBOOK[b & 15], NF4_CODEBOOK[b >> 4]], dim=1).to(device)
+    return lut  # (256, 2)
 
 
 # --------------------------------------------------------------------------- load-time validation
