@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
-exec .venv/bin/python -m pytest tests "$@"
+# two workers for the two cores CI has; tests use one intra-op thread each (tests/conftest.py)
+exec .venv/bin/python -m pytest -n "${LMSTACK_TEST_WORKERS:-2}" --durations=15 tests "$@"
