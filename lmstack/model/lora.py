@@ -20,6 +20,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from lmstack.config import ConfigError
+from lmstack.log import logger
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -209,6 +210,10 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
     mods = lora_modules(model)
     if spec is None or not mods:
         raise ValueError("save_adapter: the model has no LoRA adapters (call apply_lora first)")
+    if getattr(getattr(model, "config", None), "model_type", "") == "gpt2":
+        # HF GPT-2 fuses q|k|v into one Conv1D (c_attn); lmstack's split Linear names do not exist there.
+        logger.warning("GPT-2 adapter saved under lmstack module names: lmstack loads and merges it "
+                       "(lmstack export), PEFT on transformers' GPT2LMHeadModel cannot")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = adapter_state_dict(model)
