@@ -27,7 +27,8 @@ class ArithResult:
 
 
 def arith_accuracy(model_or_llm, tokenizer=None, n: int = 200, seed: int = 1234, digits: tuple[int, int] = (2, 3),
-                   max_tokens: int = 160, engine_args: dict | None = None) -> ArithResult:
+                   max_tokens: int = 160, engine_args: dict | None = None,
+                   ops: tuple[str, ...] = ("+", "-", "*")) -> ArithResult:
     """Greedy answers to `n` held-out problems, scored by the exact final answer.
 
     `model_or_llm` is an HF folder, an `LLM`, or a Transformer (with `tokenizer`). Generation runs
@@ -43,7 +44,7 @@ def arith_accuracy(model_or_llm, tokenizer=None, n: int = 200, seed: int = 1234,
         llm = LLM(str(model_or_llm), **(engine_args or {}))
     else:
         llm = LLM.from_model(model_or_llm, tokenizer, **(engine_args or {}))
-    problems = arith.test_set(n, seed=seed, digits=digits)
+    problems = arith.test_set(n, seed=seed, digits=digits, ops=ops)
     convs = [[{"role": "user", "content": p.question}] for p in problems]
     answers = [p.answer for p in problems]
     outs = llm.chat(convs, SamplingParams(temperature=0.0, max_tokens=max_tokens))
@@ -109,6 +110,7 @@ def add_parser(sub) -> None:
     p.add_argument("--data", help="text / JSONL file for --task ppl")
     p.add_argument("--n", type=int, default=200, help="number of held-out problems (arith)")
     p.add_argument("--digits", default="2,3", help="operand digit range, e.g. 2,3 (arith)")
+    p.add_argument("--ops", default="+-*", help="operations of the held-out problems (arith)")
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--dtype", default="auto")
     p.set_defaults(func=run)
@@ -117,7 +119,8 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.task == "arith":
         lo, hi = (int(x) for x in args.digits.split(","))
-        res = arith_accuracy(args.model, n=args.n, digits=(lo, hi), engine_args={"dtype": args.dtype})
+        res = arith_accuracy(args.model, n=args.n, digits=(lo, hi), engine_args={"dtype": args.dtype},
+                             ops=tuple(args.ops))
         print(f"arith exact-match: {res.accuracy:.3f} ({res.correct}/{res.n}); answer format ok: {res.format_ok:.2f}; "
               f"mean completion tokens: {res.mean_tokens:.1f}")
         for s in res.samples[:3]:

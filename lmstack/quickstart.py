@@ -152,7 +152,7 @@ def evaluate_model(qc: QuickstartConfig, model_dir: str) -> dict[str, Any]:
     from lmstack.evaluate import arith_accuracy
 
     r = arith_accuracy(model_dir, n=qc.test_problems, seed=qc.seed + 1, digits=qc.test_digits,
-                       engine_args={"dtype": "float32"})
+                       engine_args={"dtype": "float32"}, ops=tuple(qc.ops))
     return {"accuracy": r.accuracy, "correct": r.correct, "n": r.n, "format_ok": r.format_ok,
             "mean_tokens": r.mean_tokens, "samples": r.samples}
 
