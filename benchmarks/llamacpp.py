@@ -70,12 +70,14 @@ def llamacpp_run(path: Path, prompts: list[list[int]], n_new: int, threads: int)
 
     llm = Llama(model_path=str(path), n_ctx=512, n_batch=256, n_threads=threads, logits_all=False, verbose=False)
 
+    n_vocab = llm.n_vocab()
+
     def one(prompt: list[int]) -> float:
         llm.reset()
         llm.eval(prompt)
         t0 = time.perf_counter()
         for _ in range(n_new - 1):
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            nxt = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
             llm.eval([nxt])
         return (n_new - 1) / (time.perf_counter() - t0)
 
