@@ -110,8 +110,8 @@ def test_grpo_cli_runs_through_engine_and_updates_params(env, tmp_path, monkeypa
             "algo.max_tokens=8", "algo.max_prompt_len=200", f"algo.reward_fn={HERE}:len_reward"]
     args = argparse.Namespace(train_cmd="train", stage="grpo", config="configs/grpo.yaml", overrides=over)
     assert cli_train.run(args) == 0
-    # 2 training rollouts of 2 prompts x G=4, then greedy eval of the 3 held-out prompts in batches of 2
-    assert [(c[0], c[1]) for c in calls] == [(2, 4), (2, 4), (2, 1), (1, 1)]
+    # 2 training rollouts of 2 prompts x G=4, then the greedy eval of the 3 held-out prompts (n=1)
+    assert [(c[0], c[1]) for c in calls] == [(2, 4), (2, 4), (3, 1)]
     assert calls[0][2] == 0 and calls[1][2] >= 2 * 4  # the engine produced the first rollout's tokens
     before = load_model(str(env["model"]))
     after = load_model(str(out / "final"))

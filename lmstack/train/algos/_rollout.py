@@ -29,6 +29,7 @@ from torch import nn
 
 from lmstack.config import ConfigError
 from lmstack.log import logger
+from lmstack.train.algos import Stage
 from lmstack.train.algos._pref import adapters_disabled
 from lmstack.train.algos.sft import lm_head_weight
 from lmstack.train.data import DataError, iter_files, to_messages
@@ -356,36 +357,70 @@ def completion_stats(completions: list[Completion], rewards: torch.Tensor, valid
     }
 
 
-class GreedyEval:
-    """Eval batches of an RL stage: greedy completions of held-out prompts, scored by the reward
-    function; `loss` returns -reward (so eval_loss falls as the policy improves) and the stage's
-    `evaluate` reports accuracy (reward >= threshold) and mean reward over the eval pass."""
+class OnlineStage(Stage):
+    """What GRPO and PPO share: RL prompt data, the engine over the live policy, sampling seeds, phase
+    timings and the held-out evaluation (greedy completions of eval prompts, scored by `_eval_scores`).
 
-    def __init__(self) -> None:
-        self.reset()
+    Eval prompts: `data.eval` files, or the `data.eval_fraction` share the loop holds out of
+    `data.train` (the same `split_eval` call, so the same examples). `training.eval_batches` > 0
+    caps them at eval_batches x batch_size prompts.
+    """
 
-    def reset(self) -> None:
-        self.n = 0
-        self.correct = 0
-        self.reward_sum = 0.0
-        self.len_sum = 0
+    def __init__(self, cfg: Any, tokenizer: Any) -> None:
+        super().__init__(cfg, tokenizer)
+        self.reward_fn = load_callable(self.opts.reward_fn)
+        self.timings = Timings()
+        self.backend: Any = None  # EngineRollout, built in setup (benchmarks/rl.py swaps in HF generate)
+        self.reference: Reference | None = None
+        self.eval_examples: list[RLExample] = []
+        self._gen = torch.Generator().manual_seed(cfg.training.seed)  # minibatch permutations
 
-    def add(self, correct: torch.Tensor, rewards: torch.Tensor, valid: torch.Tensor, lengths: list[int]) -> None:
-        self.n += len(lengths)
-        self.correct += int((correct & valid).sum())
-        self.reward_sum += float(rewards[valid].sum())
-        self.len_sum += sum(lengths)
+    def load_dataset(self, paths: list[str], split: str) -> list[RLExample]:
+        from lmstack.train.data import split_eval
 
-    def result(self) -> dict[str, float]:
-        if not self.n:
+        o, d = self.opts, self.cfg.data
+        examples = load_rl_prompts(paths, self.tokenizer, o.max_prompt_len, o.chat_template)
+        if split == "eval":
+            self.eval_examples = examples
+        elif not d.eval and d.eval_fraction > 0:
+            self.eval_examples = split_eval(examples, d.eval_fraction, self.cfg.training.seed)[1]
+        return examples
+
+    def build_backend(self, model: nn.Module, completions_per_prompt: int) -> None:
+        o, tc = self.opts, self.cfg.training
+        n_seqs = tc.batch_size * tc.grad_accum * completions_per_prompt
+        max_len = min(model.config.max_position_embeddings, o.max_prompt_len + o.max_tokens)
+        self.backend = EngineRollout(model, self.tokenizer, max_num_seqs=max(n_seqs, min(len(self._eval_set()), 64)),
+                                     max_model_len=max_len, engine_args=o.engine_args)
+
+    def sample(self, model: nn.Module, examples: list[RLExample], n: int, greedy: bool = False) -> list[list[Completion]]:
+        o = self.opts
+        return self.backend.generate(model, [e.prompt_ids for e in examples], n, o.max_tokens,
+                                     temperature=0.0 if greedy else o.temperature, top_p=o.top_p, top_k=o.top_k,
+                                     seeds=None if greedy else rollout_seeds(len(examples)))
+
+    def _eval_set(self) -> list[RLExample]:
+        cap = self.cfg.training.eval_batches * self.cfg.training.batch_size
+        return self.eval_examples[:cap] if cap else self.eval_examples
+
+    def _eval_scores(self, examples: list[RLExample], comps: list[Completion]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(correct (N,) bool, reward (N,), valid (N,) bool) of greedy completions."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        examples = self._eval_set()
+        if not examples:
             return {}
-        out = {"accuracy": self.correct / self.n, "reward": self.reward_sum / self.n,
-               "completion_len": self.len_sum / self.n}
-        self.reset()
-        return out
+        comps = [g[0] for g in self.sample(model, examples, 1, greedy=True)]
+        correct, rewards, valid = self._eval_scores(examples, comps)
+        return {"accuracy": float((correct & valid).float().mean()),
+                "reward": float(rewards[valid].mean()) if bool(valid.any()) else 0.0,
+                "completion_len": sum(len(c.token_ids) for c in comps) / len(comps)}
 
 
 __all__ = ["RLExample", "load_rl_prompts", "render_prompt", "record_messages", "load_callable", "score_with_fn",
            "RewardFailure", "Completion", "EngineRollout", "eval_mode", "pack", "trim", "select", "micro_batches",
            "action_hidden", "action_logps", "rollout_logps", "Reference", "Timings",
-           "rollout_seeds", "completion_stats", "GreedyEval"]
+           "rollout_seeds", "completion_stats", "OnlineStage"]

@@ -22,11 +22,10 @@ import torch
 from torch import nn
 
 from lmstack.config import ConfigError
-from lmstack.train.algos import LossOutput, Stage, register
+from lmstack.train.algos import LossOutput, register
 from lmstack.train.algos._rollout import (
-    Completion, EngineRollout, GreedyEval, Reference, RewardFailure, RLExample, Timings, action_hidden, action_logps,
-    completion_stats, load_callable, load_rl_prompts, micro_batches, pack, rollout_logps, rollout_seeds,
-    score_with_fn, select)
+    Completion, OnlineStage, Reference, RewardFailure, RLExample, action_hidden, action_logps, completion_stats,
+    micro_batches, pack, rollout_logps, score_with_fn, select)
 from lmstack.train.losses import grpo_advantages, grpo_loss, masked_mean
 
 
@@ -101,50 +100,21 @@ def group_advantages(rewards: torch.Tensor, valid: torch.Tensor, group_size: int
 
 
 @register
-class GRPO(Stage):
+class GRPO(OnlineStage):
     name = "grpo"
     Options = GRPOOptions
 
-    def __init__(self, cfg: Any, tokenizer: Any) -> None:
-        super().__init__(cfg, tokenizer)
-        self.reward_fn = load_callable(self.opts.reward_fn)
-        self.timings = Timings()
-        self.backend: Any = None  # EngineRollout, built in setup (benchmarks may swap in another)
-        self.reference: Reference | None = None
-        self._eval = GreedyEval()
-        self._gen = torch.Generator().manual_seed(cfg.training.seed)
-
-    # -- data --------------------------------------------------------------------------------
-    def load_dataset(self, paths: list[str], split: str) -> list[RLExample]:
-        return load_rl_prompts(paths, self.tokenizer, self.opts.max_prompt_len, self.opts.chat_template)
-
-    def collate(self, examples: list[RLExample]) -> dict[str, Any]:
-        # Only eval batches are collated (training batches come from rollout()).
-        return {"eval_examples": list(examples)}
-
-    # -- setup -------------------------------------------------------------------------------
     def setup(self, model: nn.Module, device: torch.device) -> list[nn.Module]:
-        o, tc = self.opts, self.cfg.training
-        if o.beta > 0:
+        if self.opts.beta > 0:
             self.reference = Reference(model, use_lora=self.cfg.lora is not None)
-        n_seqs = tc.batch_size * tc.grad_accum * o.num_generations
-        max_len = min(model.config.max_position_embeddings, o.max_prompt_len + o.max_tokens)
-        self.backend = EngineRollout(model, self.tokenizer, max_num_seqs=max(n_seqs, tc.batch_size),
-                                     max_model_len=max_len, engine_args=o.engine_args)
+        self.build_backend(model, self.opts.num_generations)
         return []
-
-    # -- rollout -----------------------------------------------------------------------------
-    def _sample(self, model: nn.Module, examples: list[RLExample], n: int, greedy: bool = False) -> list[list[Completion]]:
-        o = self.opts
-        return self.backend.generate(model, [e.prompt_ids for e in examples], n, o.max_tokens,
-                                     temperature=0.0 if greedy else o.temperature, top_p=o.top_p, top_k=o.top_k,
-                                     seeds=None if greedy else rollout_seeds(len(examples)))
 
     def rollout(self, model: nn.Module, examples: list[RLExample]) -> list[dict[str, Any]]:
         o, tc = self.opts, self.cfg.training
         G = o.num_generations
         with self.timings("generation"):
-            groups = self._sample(model, examples, G)
+            groups = self.sample(model, examples, G)
         comps = [c for g in groups for c in g]  # (B * G), each prompt's G completions contiguous
         prompts = [e.prompt_ids for e in examples for _ in range(G)]
         with self.timings("reward"):
@@ -152,7 +122,8 @@ class GRPO(Stage):
                                            [e.answer for e in examples for _ in range(G)], o.reward_kwargs)
             adv, keep = group_advantages(rewards, valid, G, o.scale_rewards)
         stats = completion_stats(comps, rewards, valid, o.accuracy_threshold)
-        stats["groups_all_equal"] = float((rewards.view(-1, G).std(1) == 0).float().mean())
+        # groups whose G rewards are all equal carry no signal (advantage 0): watch this go to 1
+        stats["zero_std_groups"] = float((rewards.view(-1, G).std(1) == 0).float().mean())
         idx = torch.nonzero(keep).squeeze(1)
         if idx.numel() == 0:
             raise RewardFailure(f"GRPO rollout: no prompt of {len(examples)} has 2 completions with a valid reward "
@@ -170,10 +141,7 @@ class GRPO(Stage):
         batch["rollout_stats"] = stats
         return micro_batches(batch, o.ppo_epochs, o.num_minibatches, tc.grad_accum, self._gen)
 
-    # -- loss --------------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
-        if "eval_examples" in batch:
-            return self._eval_loss(model, batch["eval_examples"])
         o = self.opts
         mask = batch["action_mask"]
         logps = action_logps(model, action_hidden(model, batch), batch, o.temperature)
@@ -182,23 +150,17 @@ class GRPO(Stage):
         loss, m = grpo_loss(logps, batch["old_logps"], batch["advantages"], mask, ref_logps=batch.get("ref_logps"),
                             beta=o.beta, clip_eps=o.clip_eps, clip_eps_high=o.clip_eps_high,
                             normalization=o.normalization, num_tokens=1.0 if token_level else None)
-        rows = mask.any(-1)
+        m.pop("ratio", None)
         if token_level:
             total, count = loss, mask.sum()
         else:
-            total, count = loss * mask.shape[0], rows.sum()
+            total, count = loss * mask.shape[0], mask.any(-1).sum()
         with torch.no_grad():
             d = batch["old_logps"] - logps  # k3 estimate of KL(π_old || π): how far this rollout's steps moved
             m["approx_kl"] = masked_mean(torch.exp(d) - d - 1, mask)
         return LossOutput(total, count, {**m, **batch.get("rollout_stats", {})})
 
-    @torch.no_grad()
-    def _eval_loss(self, model: nn.Module, examples: list[RLExample]) -> LossOutput:
-        comps = [g[0] for g in self._sample(model, examples, 1, greedy=True)]
+    def _eval_scores(self, examples: list[RLExample], comps: list[Completion]):
         rewards, valid = score_with_fn(self.reward_fn, [c.text for c in comps], [e.answer for e in examples],
                                        self.opts.reward_kwargs)
-        self._eval.add(rewards >= self.opts.accuracy_threshold, rewards, valid, [len(c.token_ids) for c in comps])
-        return LossOutput(-rewards[valid].sum(), float(len(examples)), {})
-
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        return self._eval.result()
+        return rewards >= self.opts.accuracy_threshold, rewards, valid

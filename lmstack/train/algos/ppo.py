@@ -26,11 +26,10 @@ from torch import nn
 
 from lmstack.config import ConfigError
 from lmstack.log import logger
-from lmstack.train.algos import LossOutput, Stage, register
+from lmstack.train.algos import LossOutput, register
 from lmstack.train.algos._rollout import (
-    Completion, EngineRollout, GreedyEval, Reference, RewardFailure, RLExample, Timings, action_hidden,
-    action_logps, completion_stats, eval_mode, load_callable, load_rl_prompts, micro_batches, pack,
-    rollout_logps, rollout_seeds, score_with_fn, select, trim)
+    Completion, OnlineStage, Reference, RewardFailure, RLExample, action_hidden, action_logps, completion_stats,
+    eval_mode, micro_batches, pack, rollout_logps, score_with_fn, select, trim)
 from lmstack.train.losses import gae, masked_mean, ppo_policy_loss, ppo_value_loss, whiten
 
 
@@ -115,50 +114,32 @@ def _check_same_tokenizer(rm_dir: str, tok_dir: str) -> None:
 
 
 @register
-class PPO(Stage):
+class PPO(OnlineStage):
     name = "ppo"
     Options = PPOOptions
 
     def __init__(self, cfg: Any, tokenizer: Any) -> None:
         super().__init__(cfg, tokenizer)
-        self.reward_fn = load_callable(self.opts.reward_fn)
-        self.timings = Timings()
-        self.backend: Any = None
-        self.reference: Reference | None = None
         self.reward_model: nn.Module | None = None
         self.value: nn.Module | None = None
-        self._eval = GreedyEval()
-        self._gen = torch.Generator().manual_seed(cfg.training.seed)
 
-    # -- data --------------------------------------------------------------------------------
-    def load_dataset(self, paths: list[str], split: str) -> list[RLExample]:
-        return load_rl_prompts(paths, self.tokenizer, self.opts.max_prompt_len, self.opts.chat_template)
-
-    def collate(self, examples: list[RLExample]) -> dict[str, Any]:
-        return {"eval_examples": list(examples)}
-
-    # -- setup -------------------------------------------------------------------------------
     def setup(self, model: nn.Module, device: torch.device) -> list[nn.Module]:
         from lmstack.train.algos.rm import load_reward_model
 
-        o, tc = self.opts, self.cfg.training
+        o = self.opts
         if o.kl_coef > 0:
             self.reference = Reference(model, use_lora=self.cfg.lora is not None)
         if o.reward_model:
             _check_same_tokenizer(o.reward_model, self.cfg.model.tokenizer_dir)
             self.reward_model = load_reward_model(o.reward_model, self.pad_id, device=device).eval()
-            for p in self.reward_model.parameters():
-                p.requires_grad_(False)
+            self.reward_model.requires_grad_(False)
         if o.value_model:
             critic = load_reward_model(o.value_model, self.pad_id, device=device)
             critic.gradient_checkpointing = self.cfg.training.gradient_checkpointing
             self.value = ValueModel(critic.train().requires_grad_(True))
         else:
             self.value = ValueHead(model.config.hidden_size).to(device)
-        n_seqs = tc.batch_size * tc.grad_accum * o.num_generations
-        max_len = min(model.config.max_position_embeddings, o.max_prompt_len + o.max_tokens)
-        self.backend = EngineRollout(model, self.tokenizer, max_num_seqs=max(n_seqs, tc.batch_size),
-                                     max_model_len=max_len, engine_args=o.engine_args)
+        self.build_backend(model, o.num_generations)
         return [self.value]
 
     # -- scoring -----------------------------------------------------------------------------
@@ -203,12 +184,6 @@ class PPO(Stage):
         return scores, valid, correct
 
     # -- rollout -----------------------------------------------------------------------------
-    def _sample(self, model: nn.Module, examples: list[RLExample], n: int, greedy: bool = False) -> list[list[Completion]]:
-        o = self.opts
-        return self.backend.generate(model, [e.prompt_ids for e in examples], n, o.max_tokens,
-                                     temperature=0.0 if greedy else o.temperature, top_p=o.top_p, top_k=o.top_k,
-                                     seeds=None if greedy else rollout_seeds(len(examples)))
-
     @torch.no_grad()
     def _values(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Rollout values (N, T-1) from a separate value model (the shared head's come with the log-probs)."""
@@ -226,7 +201,7 @@ class PPO(Stage):
         o, tc = self.opts, self.cfg.training
         n = o.num_generations
         with self.timings("generation"):
-            groups = self._sample(model, examples, n)
+            groups = self.sample(model, examples, n)
         comps = [c for g in groups for c in g]
         prompts = [e.prompt_ids for e in examples for _ in range(n)]
         answers = [e.answer for e in examples for _ in range(n)]
@@ -272,8 +247,6 @@ class PPO(Stage):
 
     # -- loss --------------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
-        if "eval_examples" in batch:
-            return self._eval_loss(model, batch["eval_examples"])
         o = self.opts
         mask = batch["action_mask"]
         hidden = action_hidden(model, batch)
@@ -290,17 +263,11 @@ class PPO(Stage):
                    "returns": masked_mean(batch["returns"], mask), **batch.get("rollout_stats", {})}
         return LossOutput(pg + o.vf_coef * vf, mask.sum(), metrics)
 
-    @torch.no_grad()
-    def _eval_loss(self, model: nn.Module, examples: list[RLExample]) -> LossOutput:
-        comps = [g[0] for g in self._sample(model, examples, 1, greedy=True)]
+    def _eval_scores(self, examples: list[RLExample], comps: list[Completion]):
         scores, valid, correct = self._score([e.prompt_ids for e in examples], comps, [e.answer for e in examples])
-        if correct is None:  # no answers: accuracy is not defined, count nothing as correct
+        if correct is None:  # no answers: accuracy is not defined, nothing counts as correct
             correct = torch.zeros(len(comps), dtype=torch.bool)
-        self._eval.add(correct, scores, valid, [len(c.token_ids) for c in comps])
-        return LossOutput(-scores[valid].sum(), float(len(examples)), {})
-
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        return self._eval.result()
+        return correct, scores, valid
 
     def save_final(self, model: nn.Module, out_dir: Path) -> None:
         if isinstance(self.value, ValueHead):
