@@ -308,3 +308,31 @@ def test_engine_greedy_on_quantized_equals_dequantized(tiny_llama, tmp_path, met
     llm = LLM(str(tmp_path), dtype="float32", num_kv_blocks=16, block_size=4)
     outs = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
     assert [list(o.outputs[0].token_ids) for o in outs] == ref
+
+
+def test_quantize_cli(tiny_llama, tmp_path, capsys):
+    import shutil
+
+    from lmstack.cli import main
+    from lmstack.model.loading import load_model
+    from tests.tok_fixtures import build_test_tokenizer
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_llama, src)
+    build_test_tokenizer(src, "chatml", vocab_size=300)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. 12 + 30 = 42.\n" * 40)
+    rc = main(["quantize", "--model", str(src), "--method", "awq", "--out", str(tmp_path / "q"), "--group-size", "32",
+               "--calib", str(calib), "--calib-samples", "2", "--calib-seq-len", "64"])
+    assert rc == 0 and "quantized" in capsys.readouterr().out
+    assert (tmp_path / "q" / "tokenizer.json").is_file()
+    m = load_model(tmp_path / "q", dtype=torch.float32)
+    assert type(m.model.layers[0].mlp.down_proj).__name__ == "Int4Linear"
+    # bad input: one clear line, exit code 2
+    assert main(["quantize", "--model", str(src), "--method", "int4", "--out", str(tmp_path / "x"),
+                 "--group-size", "48"]) == 2
+    assert "group size 48 does not divide in_features 64" in capsys.readouterr().err
+    calib.write_text("too short")
+    assert main(["quantize", "--model", str(src), "--method", "awq", "--out", str(tmp_path / "y"),
+                 "--calib", str(calib), "--group-size", "32"]) == 2
+    assert "too short" in capsys.readouterr().err
