@@ -161,3 +161,21 @@ def test_qlora_trains_with_frozen_nf4_base_and_exports(tmp_path):
         a = q.compute_logits(q(toks, pos)).float()
         b = merged.compute_logits(merged(toks, pos)).float()
     assert (a - b).abs().max() < 0.1 * a.abs().max()
+
+
+def test_quantized_base_path_matches_calling_the_base():
+    """LoRALinear's memory-saving path for an NF4 base gives the base's own output and gradients."""
+    from lmstack.model.quant import NF4Linear
+
+    torch.manual_seed(0)
+    m = LoRALinear(NF4Linear.from_linear(torch.nn.Linear(128, 64, bias=True)), r=4, alpha=8)
+    torch.nn.init.normal_(m.lora_B.weight)
+    x = torch.randn(3, 5, 128, requires_grad=True)
+    y = m(x)
+    gx, gb = torch.autograd.grad(y.square().sum(), (x, m.lora_B.weight))
+    m._quantized_base = False  # plain call of the base
+    y2 = m(x)
+    gx2, gb2 = torch.autograd.grad(y2.square().sum(), (x, m.lora_B.weight))
+    torch.testing.assert_close(y, y2)
+    torch.testing.assert_close(gx, gx2)
+    torch.testing.assert_close(gb, gb2)

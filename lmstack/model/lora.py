@@ -17,6 +17,7 @@ from typing import Iterable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from lmstack.config import ConfigError
@@ -59,6 +60,28 @@ class LoraSpec:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 
 
+class _FrozenDequantLinear(torch.autograd.Function):
+    """y = x W^T + b for a frozen quantized base that can `dequantize(dtype)` (QLoRA's NF4).
+
+    Calling the base directly would make autograd keep each layer's dense dequantized weight alive
+    until backward (a 16-bit copy of the whole model: what NF4 storage was meant to avoid). Here
+    nothing is saved; backward dequantizes again for grad_x = grad_y W.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        cd = getattr(base, "compute_dtype", x.dtype)
+        bias = getattr(base, "bias", None)
+        y = F.linear(x.to(cd), base.dequantize(cd), None if bias is None else bias.to(cd))
+        ctx.base, ctx.cd, ctx.x_dtype = base, cd, x.dtype
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        w = ctx.base.dequantize(ctx.cd)  # (out, in)
+        return (grad_y.to(ctx.cd) @ w).to(ctx.x_dtype), None
+
+
 class LoRALinear(nn.Module):
     """Wraps any Linear-like `base` (nn.Linear, a quantized linear, ...): only `base(x)` and
     `in_features` / `out_features` are required. The base stays frozen; A and B train."""
@@ -82,13 +105,17 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
         for p in self.base.parameters():
             p.requires_grad_(False)
+        self._quantized_base = not isinstance(base, nn.Linear) and hasattr(base, "dequantize")
 
     def delta_weight(self) -> torch.Tensor:
         """The dense update scaling * B @ A, shape (out_features, in_features)."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        if self._quantized_base and x.requires_grad and torch.is_grad_enabled():
+            y = _FrozenDequantLinear.apply(x, self.base)
+        else:
+            y = self.base(x)
         a_dtype = self.lora_A.weight.dtype
         # Under autocast the matmuls run in the autocast dtype anyway; outside it, match the adapter dtype.
         xa = x if torch.is_autocast_enabled(x.device.type) else x.to(a_dtype)
