@@ -35,14 +35,15 @@ from lmstack.model.quant import quantize_model  # noqa: E402
 
 
 def byte_tokenizer(out: Path) -> None:
-    """A 256-byte BPE tokenizer (no merges) + <|endoftext|>: enough for a GGUF; we feed token ids."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    """A small byte-level BPE + <|endoftext|>: enough for a GGUF (llama.cpp needs merges); we feed ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog 0123456789"] * 50, trainer=trainer)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "bos_token": None}))
 

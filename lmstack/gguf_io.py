@@ -147,6 +147,9 @@ def _tokenizer_kv(model_dir: Path, vocab_size: int) -> dict[str, Any]:
     for i, t in added.items():
         types[i] = int(gguf.TokenType.CONTROL if t.get("special") else gguf.TokenType.USER_DEFINED)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if not merges:
+        raise GGUFError(f"{tj_path}: the BPE tokenizer has no merges; llama.cpp refuses a 'gpt2' vocabulary "
+                        "without tokenizer.ggml.merges")
     cfg = {}
     if (model_dir / "tokenizer_config.json").is_file():
         cfg = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
