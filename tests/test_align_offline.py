@@ -37,6 +37,14 @@ def kto_rows(n: int = 12) -> list[dict]:
     return rows
 
 
+@pytest.fixture(autouse=True)
+def no_plots(monkeypatch):
+    """PNG curves are the loop's business (tested there) and cost seconds per run here."""
+    import lmstack.train.loop as loop
+
+    monkeypatch.setattr(loop, "plot_run", lambda run_dir: [])
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("align")
@@ -231,3 +239,21 @@ def test_reward_model_scores_match_transformers(env):
         s_hf = hf(input_ids=batch["tokens"], attention_mask=mask.long()).logits.squeeze(-1)
     assert s_ours.std() > 1e-4
     torch.testing.assert_close(s_ours, s_hf, atol=1e-4, rtol=1e-4)
+
+
+def test_dpo_with_lora_uses_the_base_as_reference(env):
+    """Zero-initialised adapters: policy == reference at step 0, so the first loss is exactly log 2,
+    and no reference copy is loaded (the base with adapters off is the reference)."""
+    import math
+
+    tmp, md, pairs, _, tok = env
+    out = tmp / "dpo_lora"
+    raw = raw_cfg(md, pairs, out, {"beta": 0.5}, max_steps=2, log_every=1)
+    raw["lora"] = {"r": 4, "alpha": 8}
+    cfg = load_config(raw=raw, stage="dpo")
+    stage = get_stage("dpo")(cfg, tok)
+    res = train(stage, cfg)
+    assert stage.ref.model is None and stage.ref.policy is not None
+    losses = [r["loss"] for r in res.metrics if "loss" in r]
+    assert abs(losses[0] - math.log(2)) < 1e-5 and losses[1] != losses[0]
+    assert (out / "final" / "adapter_config.json").is_file()

@@ -144,7 +144,7 @@ def stage_config(qc: Any, stage: str, out: Path, sft_dir: str, data: AlignData, 
     elif stage in ("ppo", "grpo"):
         training["batch_size"] = 8
         optim["lr"] = _hp(qc, 'rl_lr')
-        raw["algo"] = {"max_tokens": sample_tokens(qc)}
+        raw["algo"] = {"max_tokens": min(128, sample_tokens(qc))}
         if stage == "grpo":
             raw["algo"]["num_generations"] = 8
         else:

@@ -96,8 +96,10 @@ class KTO(Stage):
             r = self.ref.logps(batch)
             ref, ref_kl = r[:B], r[B:]
         kl = kto_kl_estimate(policy_kl, ref_kl)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(kl)  # one reference point for the whole global batch
+        if model.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # one reference point for the whole global batch (training only: eval shards may differ in
+            # batch count between ranks, and a collective there would hang)
+            dist.all_reduce(kl)
             kl = (kl / dist.get_world_size()).clamp(min=0)
         losses, metrics = kto_loss(policy, ref, batch["label"], kl, beta=self.opts.beta,
                                    desirable_weight=self.opts.desirable_weight,

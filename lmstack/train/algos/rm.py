@@ -11,6 +11,7 @@ Eval reports held-out preference accuracy (share of pairs scored chosen > reject
 """
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,5 +115,9 @@ class RewardModel(PairStage, Stage):
             from lmstack.model.loading import save_model
 
             merged = merge_lora(model, dequant_dtype=torch.float32)
-            save_model(merged, Path(out_dir) / "merged", dtype=torch.float32)
+            dst = Path(out_dir) / "merged"
+            save_model(merged, dst, dtype=torch.float32)
+            for f in Path(out_dir).iterdir():  # tokenizer files, already copied next to the adapter
+                if f.is_file() and f.name.startswith(("tokenizer", "special_tokens", "generation_config", "chat_template")):
+                    shutil.copy2(f, dst / f.name)
             logger.info("rm: merged reward model written to %s", Path(out_dir) / "merged")
