@@ -407,14 +407,32 @@ class NF4Linear(QuantLinear):
         return dequantize_nf4(self._tensors(), (self.out_features, self.in_features), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _NF4Matmul.apply(x, self)
         cd = self.compute_dtype
-        w = self.dequantize(cd)
         b = None if self.bias is None else self.bias.to(cd)
-        return F.linear(x.to(cd), w, b).to(x.dtype)
+        return F.linear(x.to(cd), self.dequantize(cd), b).to(x.dtype)
 
     def disk_tensors(self) -> dict[str, torch.Tensor]:
         return {"weight": self.weight_codes, "weight_absmax": self.weight_absmax,
                 "weight_absmax_scale": self.weight_absmax_scale, "weight_absmax_offset": self.weight_absmax_offset}
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """y = x W^T + b that saves nothing of W: backward dequantizes again for grad_x = grad_y W, so a
+    QLoRA step never holds a 16-bit copy of every layer's weight between forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: NF4Linear) -> torch.Tensor:  # type: ignore[override]
+        ctx.layer, ctx.in_dtype = layer, x.dtype
+        cd = layer.compute_dtype
+        b = None if layer.bias is None else layer.bias.to(cd)
+        return F.linear(x.to(cd), layer.dequantize(cd), b).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        cd = ctx.layer.compute_dtype
+        return (g.to(cd) @ ctx.layer.dequantize(cd)).to(ctx.in_dtype), None
 
 
 # --------------------------------------------------------------------------------- model swapping
