@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 from benchmarks._engine_common import random_model, table  # noqa: E402
 from lmstack.config import ModelConfig  # noqa: E402
-from lmstack.train.algos._rollout import Completion, EngineRollout, RLExample  # noqa: E402
+from lmstack.train.algos._rollout import Completion, RLExample  # noqa: E402
 
 BENCH_DIR = ROOT.parent / "shared" / "bench_models" / "smollm2-135m"
 

@@ -188,7 +188,9 @@ class EngineRollout:
 
         if self.llm.model is not model:
             raise RuntimeError("the rollout engine was built over a different module than the one being trained")
-        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
+        # a prompt near the context limit gets fewer new tokens instead of failing the whole rollout
+        room = [min(max_tokens, self.llm.max_model_len - len(p)) for p in prompts]
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max(1, room[i]),
                                  seed=None if seeds is None else seeds[i]) for i in range(len(prompts))]
         self.llm.reset_cache()  # the weights changed since the last rollout: cached K/V are stale
         with eval_mode(model):
@@ -243,9 +245,10 @@ def micro_batches(batch: dict[str, Any], epochs: int, num_minibatches: int, grad
     micro-batches (one optimizer step per `grad_accum` of them, in order)."""
     n = batch["tokens"].shape[0]
     pieces = num_minibatches * grad_accum
-    if n < pieces:
-        raise ConfigError(f"the rollout has {n} sequences, fewer than algo.num_minibatches x training.grad_accum "
-                          f"= {pieces} micro-batches; lower num_minibatches or raise training.batch_size")
+    if n < pieces:  # e.g. many completions dropped for failed rewards: one sequence per micro-batch
+        logger.warning("the rollout has %d sequences, fewer than algo.num_minibatches x training.grad_accum = %d "
+                       "micro-batches; using %d", n, pieces, n)
+        pieces = n
     out = []
     for _ in range(epochs):
         perm = torch.randperm(n, generator=generator)
