@@ -10,7 +10,10 @@ every millisecond minus the RSS before the model was built. The first step is wa
   python benchmarks/train.py            # seq 512, batch 8, 6 steps
   python benchmarks/train.py --quick    # seq 128, batch 2, 3 steps (a few minutes on 2 CPU cores)
 
-HF has no CPU QLoRA (bitsandbytes NF4 needs CUDA), so QLoRA is compared with lmstack's LoRA.
+HF has no CPU QLoRA (bitsandbytes NF4 needs CUDA), so QLoRA is compared with lmstack's LoRA. On a
+CPU without native bf16 (no AVX512-BF16 / AMX) bf16 matmuls, and so QLoRA (which computes in
+bf16), are emulated and very slow; compare their memory on short sequences there, e.g.
+  python benchmarks/train.py --seq 32 --batch 1 --steps 1 --precision bf16 --cases lmstack:lora,lmstack:qlora
 Targets (issue 5): lmstack >= 1.3x HF tokens/s at no more peak memory; QLoRA peak <= 0.5x LoRA's.
 """
 from __future__ import annotations
