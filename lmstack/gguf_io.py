@@ -365,7 +365,8 @@ def _write_tokenizer(reader, path: Path, out_dir: Path) -> None:
     tokens = _field(reader, "tokenizer.ggml.tokens")
     types = _field(reader, "tokenizer.ggml.token_type") or [int(gguf.TokenType.NORMAL)] * len(tokens)
     merges = _field(reader, "tokenizer.ggml.merges") or []
-    special = {int(gguf.TokenType.CONTROL), int(gguf.TokenType.USER_DEFINED)}
+    # UNUSED: vocabulary padding rows ([PAD300] ...) -- special, so decoding skips them like the HF folder does
+    special = {int(gguf.TokenType.CONTROL), int(gguf.TokenType.USER_DEFINED), int(gguf.TokenType.UNUSED)}
     # HF keeps added tokens in the model vocab too, so each keeps its GGUF id
     vocab = {t: i for i, t in enumerate(tokens)}
     tok = HFTok(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False))
@@ -383,7 +384,7 @@ def _write_tokenizer(reader, path: Path, out_dir: Path) -> None:
     for i, t in enumerate(tokens):
         ty = int(types[i])
         if ty in special:
-            added.append((i, AddedToken(t, special=ty == int(gguf.TokenType.CONTROL), normalized=False)))
+            added.append((i, AddedToken(t, special=ty != int(gguf.TokenType.USER_DEFINED), normalized=False)))
     for _, a in added:
         if a.special:
             tok.add_special_tokens([a])

@@ -255,3 +255,21 @@ def test_llama_cpp_same_greedy_tokens(family, ty, llama_dir, qwen2_dir, tmp_path
         theirs.append(nxt)
         llm.eval([nxt])
     assert theirs == ours
+
+
+def test_llm_and_cli_run_a_gguf_file(llama_dir, tmp_path):
+    """`LLM("x.gguf")` and `lmstack generate --model x.gguf` need nothing but the file."""
+    import subprocess
+    import sys
+
+    from lmstack import LLM, SamplingParams
+
+    d, _, _ = llama_dir
+    f = export_gguf(d, tmp_path / "m.gguf", "f32")
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    ref = LLM(str(d), dtype="float32").generate(["Hello world"], params)[0].outputs[0]
+    got = LLM(str(f), dtype="float32").generate(["Hello world"], params)[0].outputs[0]
+    assert got.token_ids == ref.token_ids and got.text == ref.text
+    r = subprocess.run([sys.executable, "-m", "lmstack.cli", "generate", "--model", str(f), "--prompt", "Hello world",
+                        "--max-tokens", "4", "--dtype", "float32"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

@@ -61,7 +61,13 @@ class LLM:
                 dt = default_cpu_dtype()
             else:
                 dt = resolve_dtype(dtype)
-            self.model = load_model(model_dir, dtype=dt)
+            if model_dir.suffix == ".gguf":  # weights and tokenizer both live in the one file
+                from lmstack.gguf_io import load_gguf_model
+
+                self.model, gguf_tok = load_gguf_model(model_dir, dt)
+                tokenizer = tokenizer or gguf_tok
+            else:
+                self.model = load_model(model_dir, dtype=dt)
             if tokenizer is None and (model_dir / "tokenizer.json").is_file():
                 tokenizer = str(model_dir)
             gen_cfg = model_dir / "generation_config.json"
