@@ -5,6 +5,7 @@ lmstack engine versus through HF transformers `generate` (what TRL does without 
     python benchmarks/rl.py --quick    # 4 prompts x G=4, 16 prompts (PPO), 32-token prompts, 32 new tokens;
                                        # the HF column times generation only (the rest is the same code)
     python benchmarks/rl.py --stop-ids 2000   # variable completion lengths (see below)
+    python benchmarks/rl.py --gen-only --stages grpo --prompts 2 --prompt-len 384 --max-tokens 16  # long prompts
 
 Both columns run the same stage code (lmstack/train/algos/grpo.py, ppo.py); only the rollout backend
 differs. The HF model is built over the SAME parameter tensors as the policy (load_state_dict with
@@ -160,7 +161,7 @@ def one_step(kind: str, backend_name: str, model, cfg: ModelConfig, a: argparse.
                 for _ in range(n_prompts)]
     # warm-up (allocations, first-call overheads): 2 tokens of one prompt
     stage.backend.generate(model, [examples[0].prompt_ids], 1, 2, temperature=1.0)
-    if a.quick and backend_name == "hf":  # generation only: every other phase runs the same code
+    if a.gen_only or (a.quick and backend_name == "hf"):  # generation only: the other phases run the same code
         n = a.G if kind == "grpo" else 1
         t0 = time.perf_counter()
         groups = stage.sample(model, examples, n)
@@ -188,18 +189,21 @@ def one_step(kind: str, backend_name: str, model, cfg: ModelConfig, a: argparse.
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--prompts", type=int, default=8, help="GRPO prompts per step")
-    ap.add_argument("--G", type=int, default=8, help="GRPO completions per prompt")
-    ap.add_argument("--ppo-prompts", type=int, default=32)
-    ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--prompts", type=int, help="GRPO prompts per step (default 8; --quick 4)")
+    ap.add_argument("--G", type=int, help="GRPO completions per prompt (default 8; --quick 4)")
+    ap.add_argument("--ppo-prompts", type=int, help="PPO prompts per step (default 32; --quick 16)")
+    ap.add_argument("--prompt-len", type=int, help="prompt tokens (default 64; --quick 32)")
+    ap.add_argument("--max-tokens", type=int, help="new tokens per completion (default 128; --quick 32)")
     ap.add_argument("--layers", type=int, default=0, help="override the number of layers (0: SmolLM2's 30)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--stages", default="grpo,ppo")
+    ap.add_argument("--gen-only", action="store_true", help="time only the generation phase in both columns")
     ap.add_argument("--stop-ids", type=int, default=0, help="token ids 1..N also end a completion (variable lengths)")
     a = ap.parse_args()
-    if a.quick:
-        a.prompts, a.G, a.ppo_prompts, a.prompt_len, a.max_tokens = 4, 4, 16, 32, 32
+    sizes = dict(prompts=(8, 4), G=(8, 4), ppo_prompts=(32, 16), prompt_len=(64, 32), max_tokens=(128, 32))
+    for k, (full, quick) in sizes.items():
+        if getattr(a, k) is None:
+            setattr(a, k, quick if a.quick else full)
     torch.set_num_threads(a.threads)
     if not (BENCH_DIR / "config.json").is_file():
         raise SystemExit(f"missing {BENCH_DIR / 'config.json'} (the SmolLM2-135M shape)")
@@ -228,7 +232,7 @@ def main() -> int:
         L, H = results[(kind, "lmstack")], results[(kind, "hf")]
         desc = (f"{a.prompts} prompts x G={a.G}" if kind == "grpo" else f"{a.ppo_prompts} prompts x 1")
         rows = []
-        for p in phases:
+        for p in phases if "total" in L else ["generation"]:
             lv = L.get(p, 0.0)
             if p not in H:  # --quick: HF generation only; the other phases are the same code
                 hv = lv - L["generation"] + H["generation"] if p == "total" else lv

@@ -33,11 +33,11 @@ from lmstack.train.losses import grpo_advantages, grpo_loss, masked_mean
 class GRPOOptions:
     """`algo:` keys of `lmstack train grpo`.
 
-    Defaults suit the quickstart (a ~1M-parameter CoT model on arithmetic, 2 CPU cores): with
-    `optim.lr: 2e-5`-`5e-5` (full weights), batch_size 8 prompts x G 8, max_tokens 128 and
-    ~30 steps, GRPO raises held-out exact-match accuracy over the SFT model: sampling at
-    temperature 1 finds correct variants of the steps the greedy policy gets wrong, and the
-    group baseline turns them into a signal without a value model.
+    Suggested settings for the quickstart's CoT model (~1M parameters, full weights, 2 CPU cores):
+    G = 8, training.batch_size 8 prompts, max_tokens 128-160 (the CoT answers are 20-80 tokens),
+    temperature 1.0, beta 0, 1 epoch x 1 minibatch (fully on-policy), 30+ steps, optim.lr around
+    1e-4 with a short warmup (SFT used 1e-3; 3e-5 moves a model this small very little in 30 steps).
+    These are starting points, not a measured result: see the quickstart report for the numbers.
     """
 
     num_generations: int = 8  # G: completions per prompt (>= 2: a group of one has no baseline)
