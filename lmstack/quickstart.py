@@ -29,23 +29,26 @@ class QuickstartConfig:
     ops: str = "+-"  # operations of the task (any of + - *)
     digits: tuple[int, int] = (1, 3)  # operand digits in training data
     test_digits: tuple[int, int] = (2, 3)  # held-out: multi-digit problems
-    # data sizes
-    pretrain_docs: int = 30000
-    sft_examples: int = 20000
+    # data sizes (pretraining sees ~1 epoch of its corpus; SFT ~0.8 epoch)
+    pretrain_docs: int = 6000
+    sft_examples: int = 10000
     test_problems: int = 200
     # tokenizer
     vocab_size: int = 384
-    # model
+    # model: ~0.5M parameters. Sized for the CPU budget (base pipeline ~5 min on 2 cores): 2 wide
+    # layers cost half of 4 and a 3-digit +/- chain of thought is ~40 tokens (max ~61), so
+    # max_len 128 holds prompt + answer without truncation.
     hidden_size: int = 128
-    num_layers: int = 4
+    num_layers: int = 2
     num_heads: int = 4
-    max_len: int = 192
-    # optimisation (steps of batch_size sequences)
+    max_len: int = 128
+    # optimisation (steps of batch_size sequences); pretraining only has to teach token statistics
+    # and the answer formats, so most of the budget goes to the two SFT runs
     batch_size: int = 32
-    pretrain_steps: int = 600
+    pretrain_steps: int = 80
     pretrain_lr: float = 3e-3
-    sft_steps: int = 500
-    sft_lr: float = 1e-3
+    sft_steps: int = 250
+    sft_lr: float = 2e-3
     # alignment
     align_stages: tuple[str, ...] = DEFAULT_ALIGN
     align_problems: int = 256  # training problems sampled to build preference / KTO data
@@ -152,7 +155,10 @@ def evaluate_model(qc: QuickstartConfig, model_dir: str) -> dict[str, Any]:
     from lmstack.evaluate import arith_accuracy
 
     r = arith_accuracy(model_dir, n=qc.test_problems, seed=qc.seed + 1, digits=qc.test_digits,
-                       engine_args={"dtype": "float32"}, ops=tuple(qc.ops))
+                       engine_args={"dtype": "float32"}, ops=tuple(qc.ops),
+                       # a chain of thought is ~12 tokens per digit plus the answer line (3 digits:
+                       # <= 61 tokens); the cap only bounds the cost of models that never stop
+                       max_tokens=24 * (qc.test_digits[1] + 1))
     return {"accuracy": r.accuracy, "correct": r.correct, "n": r.n, "format_ok": r.format_ok,
             "mean_tokens": r.mean_tokens, "samples": r.samples}
 
