@@ -273,3 +273,19 @@ def test_llm_and_cli_run_a_gguf_file(llama_dir, tmp_path):
     r = subprocess.run([sys.executable, "-m", "lmstack.cli", "generate", "--model", str(f), "--prompt", "Hello world",
                         "--max-tokens", "4", "--dtype", "float32"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_cli_export_gguf(llama_dir, tmp_path):
+    import subprocess
+    import sys
+
+    d, _, _ = llama_dir
+    out = tmp_path / "m.gguf"
+    r = subprocess.run([sys.executable, "-m", "lmstack.cli", "export", "gguf", "--model", str(d), "--out", str(out),
+                        "--type", "q8_0"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    names = {t.name for t in gguf.GGUFReader(str(out)).tensors}
+    assert "blk.1.ffn_down.weight" in names
+    r = subprocess.run([sys.executable, "-m", "lmstack.cli", "export", "--model", str(d), "--out", str(tmp_path / "x")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--adapter" in r.stderr and "Traceback" not in r.stderr

@@ -24,10 +24,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir")
     p.set_defaults(train_cmd="plot", func=run)
 
-    p = subparsers.add_parser("export", help="merge a LoRA/QLoRA adapter into its base model (HF folder)")
-    p.add_argument("--model", required=True, help="base model folder the adapter was trained on")
-    p.add_argument("--adapter", required=True, help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("--out", required=True, help="output folder for the merged checkpoint")
+    p = subparsers.add_parser("export", help="merge a LoRA/QLoRA adapter into its base model (HF folder), "
+                              "or `export gguf` for llama.cpp")
+    p.add_argument("format", nargs="?", choices=["gguf"], help="`gguf`: write a GGUF file instead of merging")
+    p.add_argument("--model", required=True, help="base model folder (the adapter's base, or the model to convert)")
+    p.add_argument("--adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--out", required=True, help="output folder for the merged checkpoint, or FILE.gguf")
+    from lmstack.quantize_cli import add_export_gguf_arguments
+
+    add_export_gguf_arguments(p)
     p.add_argument("--qlora", action=argparse.BooleanOptionalAction, default=None,
                    help="the adapter was trained on an NF4 base (default: read from the adapter folder)")
     p.set_defaults(train_cmd="export", func=run)
@@ -61,8 +66,15 @@ def run(args: argparse.Namespace) -> int:
         for p in paths:
             print(p)
         return 0
+    if cmd == "export" and args.format == "gguf":
+        from lmstack.quantize_cli import run_export_gguf
+
+        return run_export_gguf(args)
     if cmd == "export":
         from lmstack.train.export import export_merged
+
+        if not args.adapter:
+            raise ConfigError("lmstack export: --adapter is required to merge (or use `lmstack export gguf`)")
 
         out = export_merged(args.model, args.adapter, args.out, qlora=args.qlora)
         print(f"merged model written to {out}")
