@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, nargs=2, metavar=("MIN", "MAX"))
     ap.add_argument("--layers", type=int, help="override the number of layers (default: 24, quick: 4)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    ap.add_argument("--hf-dtype", default="same", choices=["same", "bfloat16", "float32"],
+                    help="dtype of the HF column (the issue's spec is bf16; 'same' = lmstack's dtype)")
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--ref-requests", type=int, help="requests timed for the reference column (default all; quick 3)")
@@ -108,7 +110,8 @@ def main() -> None:
     if not a.skip_hf:
         import transformers as tf
 
-        hf = hf_model(cfg, model, dtype)
+        hf_dtype = dtype if a.hf_dtype == "same" else pick_dtype(a.hf_dtype)
+        hf = hf_model(cfg, model, hf_dtype)
         T = max(len(p) for p in prompts)
         ids = torch.zeros(n, T, dtype=torch.long)
         mask = torch.zeros(n, T, dtype=torch.long)
@@ -123,7 +126,8 @@ def main() -> None:
             t0, c0 = time.perf_counter(), time.process_time()
             hf.generate(ids, attention_mask=mask, generation_config=gc)
             t_hf, c_hf = time.perf_counter() - t0, time.process_time() - c0
-        results.append(["HF transformers generate (padded batch)", t_hf, n_out / t_hf, c_hf])
+        results.append([f"HF transformers generate (padded batch, {str(hf_dtype).replace('torch.', '')})",
+                        t_hf, n_out / t_hf, c_hf])
         del hf
 
     # ---------------------------------------------------------------- reference, one at a time
