@@ -101,6 +101,9 @@ def build_preference_data(qc: Any, out: Path, sft_dir: str) -> AlignData:
 
 
 # Hyper-parameters of the alignment runs; a QuickstartConfig field of the same name overrides each.
+# Measured on a reduced quickstart (+ only, 2-digit test, CoT SFT at 10% held-out): DPO with the NLL
+# term at lr 1e-4, beta 0.1, 60 steps -> 13%; plain DPO (nll 0) -> 3%; lr 3e-4 / 5e-5 -> 11%;
+# beta 0.3 -> 10%; 120 steps -> 11% (100 test problems: +-3 points is noise).
 DEFAULTS = {"align_lr": 1e-4, "dpo_beta": 0.1, "dpo_nll_weight": 1.0, "rl_lr": 3e-5}
 
 
