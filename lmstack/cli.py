@@ -101,13 +101,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         if mod_name in done:
             continue
         done.add(mod_name)
-        try:
-            mod = importlib.import_module(mod_name)
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("lmstack"):
-                continue  # subsystem not built yet
-            raise
-        mod.add_parser(sub)
+        importlib.import_module(mod_name).add_parser(sub)
     return parser
 
 

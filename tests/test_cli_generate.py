@@ -54,3 +54,11 @@ def test_generate_errors_are_one_line(tmp_path):
     _, mdir, _ = _model_with_tokenizer(tmp_path)
     r = _cli("generate", "--model", str(mdir), "--prompt", "a " * 300, "--max-tokens", "10")
     assert r.returncode == 2 and "context" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_every_design_verb_is_wired():
+    r = _cli("--help")
+    assert r.returncode == 0, r.stderr
+    for verb in ("generate", "chat", "serve", "train", "tokenizer", "export", "quantize", "eval", "bench",
+                 "quickstart", "plot"):
+        assert f"    {verb} " in r.stdout, verb
