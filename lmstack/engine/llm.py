@@ -1,6 +1,6 @@
 """LLM: the offline, streaming and engine-level API (names follow vLLM's).
 
-    llm = LLM("path/to/hf_model")                        # bf16 on CPU unless dtype="float32"
+    llm = LLM("path/to/hf_model")                        # dtype="auto": bf16 where the CPU multiplies bf16 natively, else fp32
     outs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
     outs[0].outputs[0].text
 

@@ -674,7 +674,7 @@ def render_metrics(ae: AsyncEngine) -> str:
 # ============================================================================ CLI
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Engine flags shared by `serve` and `chat`."""
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CPU) | float32 | bfloat16 | float16")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 where the CPU has native bf16, else fp32) | float32 | bfloat16 | float16")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks (overrides memory)")
     p.add_argument("--kv-cache-memory", type=float, default=None, help="KV pool size in GiB")
