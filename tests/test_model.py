@@ -181,3 +181,23 @@ def test_loading_peak_rss_below_1_5x_weights(tmp_path):
     out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True)
     extra = int(out.stdout.strip().splitlines()[-1])
     assert extra < 1.5 * size, f"loading {size / 2**20:.0f} MiB of weights raised peak RSS by {extra / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_inference_linear_matches_f_linear_and_training_path_has_grads(bias):
+    """The model's Linear takes oneDNN's inner product for CPU fp32 inference: same values as F.linear
+    on (B, T, K) inputs; with grad enabled it must stay on the autograd path."""
+    from lmstack.model.layers import Linear
+
+    torch.manual_seed(0)
+    lin = Linear(96, 200, bias=bias)
+    x = torch.randn(3, 7, 96)
+    ref = torch.nn.functional.linear(x, lin.weight, lin.bias)
+    with torch.no_grad():
+        out = lin(x)
+        assert out.shape == (3, 7, 200)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        assert lin(x[:, :0]).shape == (3, 0, 200)  # empty batch
+    y = lin(x)
+    y.square().sum().backward()
+    assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0

@@ -58,7 +58,7 @@ def test_merged_equals_unmerged(hf_dir, rslora):
     unmerged = _logits(model)
     assert not torch.allclose(unmerged, _logits(load_model(hf_dir)))  # the adapter does something
     merge_lora(model)
-    assert not lora_modules(model) and type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert not lora_modules(model) and isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)
     torch.testing.assert_close(_logits(model), unmerged, atol=1e-5, rtol=1e-5)
 
 

@@ -117,7 +117,7 @@ def apply_awq(model: nn.Module, calib: torch.Tensor, cfg: AWQConfig | None = Non
     if calib.dim() != 2 or calib.numel() == 0:
         raise QuantError(f"calibration tokens must be a non-empty (samples, seq_len) tensor, got {tuple(calib.shape)}")
     for name, m in model.named_modules():
-        if type(m) is nn.Linear and not name.endswith(("lm_head", "score")):
+        if isinstance(m, nn.Linear) and not name.endswith(("lm_head", "score")):
             check_group_size(name, m.in_features, cfg.group_size)
     S, T = calib.shape
     positions = torch.arange(T).expand(S, T)

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from lmstack.config import ConfigError
 from lmstack.log import logger
+from lmstack.model.layers import Linear
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -197,7 +198,7 @@ def _dense_base(base: nn.Module, dtype: torch.dtype | None) -> nn.Linear:
     w = base.dequantize()
     out_dtype = dtype or torch.bfloat16
     bias = getattr(base, "bias", None)
-    lin = nn.Linear(base.in_features, base.out_features, bias=bias is not None, device=w.device, dtype=out_dtype)
+    lin = Linear(base.in_features, base.out_features, bias=bias is not None, device=w.device, dtype=out_dtype)
     with torch.no_grad():
         lin.weight.copy_(w.to(out_dtype))
         if bias is not None:

@@ -447,7 +447,7 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def quantizable_linears(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> list[str]:
-    return [n for n, m in model.named_modules() if type(m) is nn.Linear and not _skipped(n, skip)]
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _skipped(n, skip)]
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lmstack.config import ModelConfig
 from lmstack.model.attention import attention
-from lmstack.model.layers import MLP, RMSNorm, make_norm
+from lmstack.model.layers import MLP, Linear, RMSNorm, make_norm
 from lmstack.model.rope import RotaryEmbedding, apply_rope
 
 
@@ -23,10 +23,10 @@ class SelfAttention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.window = cfg.sliding_window
         D = cfg.hidden_size
-        self.q_proj = nn.Linear(D, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, D, bias=cfg.o_bias)
+        self.q_proj = Linear(D, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = Linear(D, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = Linear(D, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, D, bias=cfg.o_bias)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:  # Qwen3: RMSNorm over each head's vector, before RoPE
             self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps)
@@ -85,9 +85,9 @@ class Transformer(nn.Module):
             if cfg.pos == "rope" else None
         )
         if cfg.head == "score":
-            self.score = nn.Linear(cfg.hidden_size, cfg.num_labels, bias=False)
+            self.score = Linear(cfg.hidden_size, cfg.num_labels, bias=False)
         else:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
             if cfg.tie_embeddings:
                 self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
