@@ -3,7 +3,7 @@
 A random-weight model with Qwen2.5-0.5B's shape (../shared/bench_models/qwen2.5-0.5b/config.json)
 is exported to GGUF (BF16, Q8_0, Q4_0) and run by llama-cpp-python; lmstack runs the same weights
 as bf16 (or fp32 compute where the CPU lacks native bf16), int8 and int4 (weight-only, aten's
-packed CPU kernels). Two numbers per pair:
+packed CPU kernels with bf16 activations; every linear including the LM head, as in the GGUF). Two numbers per pair:
   - single-stream decode tok/s (one request, greedy, prompt excluded);
   - total tok/s for 16 concurrent requests (lmstack: continuous batching in one engine;
     llama-cpp-python's Llama serves one sequence at a time, so its 16 requests run back to back).
@@ -126,7 +126,8 @@ def main() -> None:
         for label, method, ty in pairs:
             m = random_model(cfg, torch.float32)
             if method is not None:
-                quantize_model(m, method, 128)
+                # the LM head too: the GGUF's tied token_embd/output matrix is Q8_0/Q4_0 as well
+                quantize_model(m, method, 128, skip=())
             for mod in m.modules():  # float parts in the compute dtype
                 if not hasattr(mod, "dequantize"):
                     mod._apply(lambda t: t.to(dt) if t.is_floating_point() else t, recurse=False)

@@ -11,7 +11,7 @@ from torch import nn
 from lmstack.model.quant import (
     NF4_CODEBOOK, Int4Linear, Int8Linear, NF4Linear, QuantError, QuantLinear, dequantize_int4, dequantize_int8,
     dequantize_nf4, int4_to_awq, nf4_absmax, pack_int4, quantize_int4, quantize_int8, quantize_nf4,
-    quantize_model, save_quantized, unpack_awq, unpack_int4,
+    quantize_model, save_quantized, set_kernel_activation_dtype, unpack_awq, unpack_int4,
 )
 
 
@@ -145,6 +145,12 @@ def test_quantlinear_equals_dequantized_matmul(method):
         w = dequantize_nf4(quantize_nf4(lin.weight), lin.weight.shape)
     assert torch.equal(m.dequantize(), w)
     with torch.no_grad():
+        if method != "nf4":
+            # default: fp32 activations go through the kernels as bf16 (fast): close, not exact
+            y_fast = m(x)
+            ref = F.linear(x, w, lin.bias)
+            assert y_fast.dtype == x.dtype and (y_fast - ref).abs().max() < 0.02 * ref.abs().max()
+            m.act_dtype = None  # fp32 activations: exact w.r.t. the dequantized weights
         y = m(x)
         if method == "nf4":  # QLoRA computes in bf16
             ref = F.linear(x.bfloat16(), w.bfloat16(), lin.bias.bfloat16()).float()
@@ -230,6 +236,7 @@ def test_quantized_folder_roundtrip(tiny_llama, tmp_path, method):
         awq_quantize(model, torch.randint(3, 320, (4, 32)), group_size=32)
     else:
         quantize_model(model, method, group_size=32)
+    set_kernel_activation_dtype(model, None)  # exact fp32 activations: compared with fp32 references below
     kinds = {type(m).__name__ for m in model.modules()}
     assert {"int8": "Int8Linear", "int4": "Int4Linear", "awq": "Int4Linear", "nf4": "NF4Linear"}[method] in kinds
     assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, QuantLinear)  # skipped by default
@@ -241,6 +248,7 @@ def test_quantized_folder_roundtrip(tiny_llama, tmp_path, method):
     if method in ("int4", "awq"):
         assert qcfg["quant_method"] == "awq" and qcfg["version"] == "gemm" and qcfg["group_size"] == 32
     loaded = load_model(tmp_path, dtype=torch.float32)  # the common loader dispatches on quantization_config
+    set_kernel_activation_dtype(loaded, None)
     assert torch.allclose(_logits(loaded, tokens), out, atol=1e-5)
     # the dequantized-weight model gives the same greedy continuation as the quantized one
     deq = load_model(tiny_llama, dtype=torch.float32)
@@ -306,6 +314,7 @@ def test_engine_greedy_on_quantized_equals_dequantized(tiny_llama, tmp_path, met
     prompts = [[5, 17, 123, 42], [250, 7, 99, 3, 11, 64, 8]]
     ref = generate(deq, prompts, 10)
     llm = LLM(str(tmp_path), dtype="float32", num_kv_blocks=16, block_size=4)
+    set_kernel_activation_dtype(llm.model, None)  # exact fp32 activations, as the dequantized reference
     outs = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
     assert [list(o.outputs[0].token_ids) for o in outs] == ref
 
