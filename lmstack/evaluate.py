@@ -24,6 +24,7 @@ class ArithResult:
     format_ok: float  # fraction of completions that ended in a parsable answer line
     mean_tokens: float
     samples: list[dict] = field(default_factory=list)
+    per_problem: list[bool] = field(default_factory=list)  # correct or not, in test-set order (paired comparisons)
 
 
 def arith_accuracy(model_or_llm, tokenizer=None, n: int = 200, seed: int = 1234, digits: tuple[int, int] = (2, 3),
@@ -50,16 +51,32 @@ def arith_accuracy(model_or_llm, tokenizer=None, n: int = 200, seed: int = 1234,
     outs = llm.chat(convs, SamplingParams(temperature=0.0, max_tokens=max_tokens))
     correct = fmt = toks = 0
     samples = []
+    per_problem: list[bool] = []
     for conv, ans, out in zip(convs, answers, outs):
         text = out.outputs[0].text
         got = arith.extract_answer(text)
+        per_problem.append(got == ans)
         correct += int(got == ans)
         fmt += int(got is not None)
         toks += len(out.outputs[0].token_ids)
         if len(samples) < 5:
             samples.append({"question": conv[0]["content"], "answer": ans, "completion": text})
     n = len(problems)
-    return ArithResult(correct / n, n, correct, fmt / n, toks / n, samples)
+    return ArithResult(correct / n, n, correct, fmt / n, toks / n, samples, per_problem)
+
+
+def paired_sign_test(before: list[bool], after: list[bool]) -> tuple[int, int, float]:
+    """Two models on the same problems: (fixed, broken, two-sided exact sign-test p-value).
+
+    Only discordant problems carry information (McNemar's exact test): under "no difference" each is
+    fixed or broken with probability 1/2, so p = P(Binomial(fixed + broken, 1/2) at least as uneven)."""
+    if len(before) != len(after):
+        raise ValueError(f"paired test needs the same problems: {len(before)} vs {len(after)} results")
+    fixed = sum(1 for b, a in zip(before, after) if a and not b)
+    broken = sum(1 for b, a in zip(before, after) if b and not a)
+    n, k = fixed + broken, min(fixed, broken)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    return fixed, broken, p
 
 
 @torch.inference_mode()

@@ -41,3 +41,21 @@ def test_read_texts_errors_name_file_and_line(tmp_path):
     f.write_text('{"text": "a"}\n{"body": "b"}\n')
     with pytest.raises(ValueError, match=r"d.jsonl:2: missing column 'text'"):
         read_texts(f)
+
+
+def test_paired_sign_test_by_hand():
+    from lmstack.evaluate import paired_sign_test
+
+    # only discordant problems count: 10 fixed, 0 broken -> p = 2 * (1/2)^10
+    before = [False] * 10 + [True] * 5 + [False] * 3
+    after = [True] * 10 + [True] * 5 + [False] * 3
+    fixed, broken, p = paired_sign_test(before, after)
+    assert (fixed, broken) == (10, 0) and abs(p - 2 / 1024) < 1e-12
+    # 2 fixed, 1 broken: p = 2 * (C(3,0) + C(3,1)) / 8, capped at 1
+    assert paired_sign_test([True, False, False, True], [True, True, True, False]) == (2, 1, 1.0)
+    # 6 fixed, 2 broken: p = 2 * (1 + 8 + 28) / 256
+    f, b, p = paired_sign_test([False] * 6 + [True] * 2, [True] * 6 + [False] * 2)
+    assert (f, b) == (6, 2) and abs(p - 74 / 256) < 1e-12
+    assert paired_sign_test([True], [True]) == (0, 0, 1.0)
+    with pytest.raises(ValueError, match="same problems"):
+        paired_sign_test([True], [True, False])

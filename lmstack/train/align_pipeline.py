@@ -46,7 +46,7 @@ def align_problems(qc: Any) -> list[Any]:
     from lmstack.tasks import arith
 
     rng = random.Random(f"lmstack-quickstart-align|{qc.seed}")
-    return [arith.make_problem(rng, tuple(qc.ops), digits=tuple(qc.digits), split="train")
+    return [arith.make_problem(rng, tuple(qc.ops), digits=tuple(getattr(qc, "align_digits", qc.digits)), split="train")
             for _ in range(qc.align_problems)]
 
 
@@ -169,8 +169,13 @@ def _available(stage: str) -> bool:
 
 
 def run_alignment(qc: Any, out: Path, sft_dir: str, tok_dir: str, sft_accuracy: float | None,
-                  on_event: Callable[[str], None] = lambda s: None) -> list[Any]:
-    """Runs `qc.align_stages` from the CoT SFT model; returns one quickstart Row per method."""
+                  on_event: Callable[[str], None] = lambda s: None,
+                  sft_per_problem: list[bool] | None = None) -> list[Any]:
+    """Runs `qc.align_stages` from the CoT SFT model; returns one quickstart Row per method.
+
+    With the SFT model's per-problem results, each method's note also says how many held-out problems
+    it fixed and broke, and the exact sign-test p-value of that split (is the change real or noise?)."""
+    from lmstack.evaluate import paired_sign_test
     from lmstack.quickstart import Row, evaluate_model
 
     rows: list[Row] = []
@@ -224,6 +229,11 @@ def run_alignment(qc: Any, out: Path, sft_dir: str, tok_dir: str, sft_accuracy: 
         ev = evaluate_model(qc, str(res.final_dir))
         delta = None if sft_accuracy is None else ev["accuracy"] - sft_accuracy
         extras = [f"format ok {ev['format_ok']:.2f}"]
+        mine = ev.pop("per_problem", None)
+        if sft_per_problem is not None and mine is not None:
+            fixed, broken, p = paired_sign_test(sft_per_problem, mine)
+            ev.update(fixed=fixed, broken=broken, sign_test_p=p)
+            extras.insert(0, f"fixed {fixed} / broke {broken} of SFT's answers (sign test p={p:.2g})")
         for k in ("rewards/accuracies", "rewards/margins", "kl", "reward", "accuracy"):
             if k in last:
                 extras.append(f"final {k} {last[k]:.2f}")
