@@ -24,6 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
+
+from train import cuda_available  # noqa: E402  (benchmarks/train.py)
+
 DEFAULT_CONFIG = ROOT.parent / "shared" / "bench_models" / "smollm2-135m" / "config.json"
 
 
@@ -106,7 +109,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    ap.add_argument("--device", default="cuda" if cuda_available() else "cpu")
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--case", choices=["live", "precompute"], help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -144,15 +147,6 @@ def main() -> None:
             print(f"| {label} | {r['peak_mb']:.0f} | {r['setup_s']:.1f} | {r['step_s']:.2f} |")
     if len(results) == 2:
         print(f"\nprecomputed / live peak memory: {results['precompute']['peak_mb'] / results['live']['peak_mb']:.2f}")
-
-
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
 
 
 if __name__ == "__main__":

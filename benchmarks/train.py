@@ -184,7 +184,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=6, help="timed steps (after one warm-up step)")
-    ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    ap.add_argument("--device", default="cuda" if cuda_available() else "cpu")
     ap.add_argument("--precision", default=None, help="fp32 | bf16 (default: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in both frameworks")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
@@ -247,7 +247,7 @@ def main() -> None:
         print(f"\nQLoRA / LoRA peak memory (lmstack): {r:.2f} (target <= 0.5)")
 
 
-def _cuda() -> bool:
+def cuda_available() -> bool:
     try:
         import torch
 

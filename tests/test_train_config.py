@@ -33,7 +33,7 @@ def test_overrides_are_typed(tmp_path):
     assert load_config(raw={**MIN, "lora": {"r": 2}}, overrides=["lora=null"]).lora is None
     for value in ("all-linear", "[all-linear]"):
         cfg = load_config(raw=MIN, overrides=[f"lora.target_modules={value}"])
-        assert cfg.lora.target_modules == "all-linear" and cfg.lora.spec().target_modules == "all-linear"
+        assert cfg.lora.target_modules == "all-linear"
 
 
 def test_unknown_keys_suggest_the_right_one(tmp_path):
@@ -114,4 +114,4 @@ def test_example_configs_are_valid(name):
     if name == "sft_qlora":
         assert cfg.lora.qlora
     if cfg.lora is not None:
-        assert cfg.lora.spec().target_modules == "all-linear"
+        assert cfg.lora.target_modules == "all-linear"

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from lmstack.config import ConfigError
+from lmstack.model.lora import LoraSpec
 
 FAMILIES = ("llama", "qwen2", "gpt2")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -153,24 +154,11 @@ class TrainingSection:
 
 
 @dataclass
-class LoraSection:
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] | str = "all-linear"
-    use_rslora: bool = False
+class LoraSection(LoraSpec):
+    """`lora:` keys: the adapter spec (r, alpha, dropout, target_modules, use_rslora; validated by
+    LoraSpec) plus where the frozen base lives."""
+
     qlora: bool = False  # base weights stored as NF4, computed in bf16
-
-    def __post_init__(self) -> None:
-        if isinstance(self.target_modules, list) and self.target_modules == ["all-linear"]:
-            self.target_modules = "all-linear"
-        self.spec()  # validates
-
-    def spec(self):  # -> lmstack.model.lora.LoraSpec
-        from lmstack.model.lora import LoraSpec
-
-        return LoraSpec(r=self.r, alpha=self.alpha, dropout=self.dropout,
-                        target_modules=self.target_modules, use_rslora=self.use_rslora)
 
 
 @dataclass

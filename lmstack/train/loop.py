@@ -160,7 +160,7 @@ def _prepare_model(cfg: TrainConfig, model: nn.Module) -> None:
 
             # QLoRA: the frozen base is stored as NF4 and computed in bf16; lm_head stays dense.
             quantize_model(model, "nf4", skip=("lm_head", "score"), compute_dtype=torch.bfloat16)
-        names = apply_lora(model, cfg.lora.spec())
+        names = apply_lora(model, cfg.lora)
         logger.info("LoRA: %d modules adapted (r=%d, alpha=%g%s)", len(names), cfg.lora.r, cfg.lora.alpha,
                     ", QLoRA NF4 base" if cfg.lora.qlora else "")
     if cfg.training.gradient_checkpointing:
