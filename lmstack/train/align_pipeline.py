@@ -46,7 +46,7 @@ def align_problems(qc: Any) -> list[Any]:
     from lmstack.tasks import arith
 
     rng = random.Random(f"lmstack-quickstart-align|{qc.seed}")
-    return [arith.make_problem(rng, tuple(qc.ops), digits=tuple(getattr(qc, "align_digits", qc.digits)), split="train")
+    return [arith.make_problem(rng, tuple(qc.ops), digits=tuple(qc.align_digits), split="train")
             for _ in range(qc.align_problems)]
 
 
@@ -229,8 +229,8 @@ def run_alignment(qc: Any, out: Path, sft_dir: str, tok_dir: str, sft_accuracy: 
         ev = evaluate_model(qc, str(res.final_dir))
         delta = None if sft_accuracy is None else ev["accuracy"] - sft_accuracy
         extras = [f"format ok {ev['format_ok']:.2f}"]
-        mine = ev.pop("per_problem", None)
-        if sft_per_problem is not None and mine is not None:
+        mine = ev.pop("per_problem")
+        if sft_per_problem is not None:
             fixed, broken, p = paired_sign_test(sft_per_problem, mine)
             ev.update(fixed=fixed, broken=broken, sign_test_p=p)
             extras.insert(0, f"fixed {fixed} / broke {broken} of SFT's answers (sign test p={p:.2g})")
