@@ -5,7 +5,7 @@ runs a few DPO optimizer steps (lmstack's DPO stage, AdamW) on synthetic token p
 `algo.precompute_ref: false` (a frozen reference copy stays in memory and runs every step) and once
 with `precompute_ref: true` (one pass of the reference over the data before training, then it is
 freed). Each case runs in its own process; peak memory covers setup and training: CUDA
-max_memory_allocated on GPU, on CPU the process RSS (sampled every millisecond) above the RSS before
+max_memory_allocated on GPU, on CPU the process RSS high-water mark (VmHWM) above the RSS before
 the model was built.
 
   python benchmarks/rl_dpo_memory.py            # 16 pairs, prompt 128 + answers 128, batch 4, 3 steps
@@ -56,7 +56,7 @@ def run_case(a: argparse.Namespace, precompute: bool) -> dict:
 
     import torch
 
-    from train import PeakMemory  # benchmarks/train.py: RSS sampler / CUDA peak
+    from train import PeakMemory  # benchmarks/train.py: RSS high-water mark / CUDA peak
 
     from lmstack.model.loading import load_model
     from lmstack.train.algos._pref import PrefExample

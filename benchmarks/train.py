@@ -4,8 +4,8 @@ A random-weight model with SmolLM2-135M's shape (../shared/bench_models/smollm2-
 trains on the same synthetic SFT batches (fixed-length sequences, loss on the second half of each:
 the "answer") in both frameworks, at the same sequence length, batch size and precision. Each case
 runs in its own process; peak memory is measured over the training steps (weights + gradients +
-optimizer state + activations): CUDA max_memory_allocated on GPU, on CPU the process RSS sampled
-every millisecond minus the RSS before the model was built. The first step is warm-up, not timed.
+optimizer state + activations): CUDA max_memory_allocated on GPU, on CPU the kernel's RSS
+high-water mark (VmHWM) minus the RSS before the model was built. The first step is warm-up, not timed.
 
   python benchmarks/train.py            # seq 512, batch 8, 6 steps
   python benchmarks/train.py --quick    # seq 128, batch 2, 3 steps (a few minutes on 2 CPU cores)
@@ -56,12 +56,20 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _hwm_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
 class PeakMemory:
-    """Peak memory while training: CUDA max_memory_allocated, or on CPU the process RSS sampled every
-    millisecond by a thread (minus the RSS before the model existed)."""
+    """Peak memory while training: CUDA max_memory_allocated, or on CPU the kernel's RSS high-water mark
+    (VmHWM, reset at start by writing 5 to /proc/self/clear_refs) minus the RSS before the model existed.
+    Exact and free: an earlier version polled RSS from a thread every millisecond, which missed short
+    peaks and stole CPU (and the GIL) from the 2-core training being timed. Falls back to that polling
+    where clear_refs is not writable."""
 
     def __init__(self, device: str) -> None:
-        self.device, self.base, self.peak, self._stop = device, _rss_mb(), 0.0, False
+        self.device, self.base, self.peak, self._stop, self._t = device, _rss_mb(), 0.0, False, None
 
     def start(self) -> None:
         import threading
@@ -71,6 +79,12 @@ class PeakMemory:
 
             torch.cuda.reset_peak_memory_stats()
             return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return
+        except OSError:
+            pass
 
         def poll() -> None:
             while not self._stop:
@@ -85,6 +99,8 @@ class PeakMemory:
             import torch
 
             return torch.cuda.max_memory_allocated() / 2**20
+        if self._t is None:
+            return _hwm_mb() - self.base
         self._stop = True
         self._t.join()
         return max(self.peak, _rss_mb()) - self.base

@@ -303,3 +303,43 @@ def test_seeded_sampling_survives_preemption(model, prompts):
     got = small.generate(prompts, sp)
     assert small.get_stats().num_preemptions > 0
     assert [[c.token_ids for c in o.outputs] for o in got] == [[c.token_ids for c in o.outputs] for o in big]
+
+
+def test_bf16_engine_with_packed_weights_matches_plain_engine(model_dir, prompts, monkeypatch):
+    """bf16 on CPU: the engine fuses q/k/v and gate/up and gives every linear a oneDNN-packed copy of
+    its weight. An engine with both disabled (plain F.linear on the separate weights, same scheduling)
+    must produce the same greedy tokens, also after an in-place weight update (a live policy's
+    optimizer step), which the packed copies must notice by themselves."""
+    import lmstack.engine.model_runner as runner_mod
+    from lmstack.model.layers import bf16_packing_supported
+
+    if not bf16_packing_supported():
+        pytest.skip("oneDNN bf16 is not supported on this CPU")
+
+    def update(m):
+        with torch.no_grad():
+            for layer in m.model.layers:
+                layer.mlp.up_proj.weight.mul_(-1)
+                layer.self_attn.v_proj.weight.mul_(2)
+
+    fast_model = load_model(model_dir, dtype=torch.bfloat16)
+    fast = LLM.from_model(fast_model)
+    assert fast_model.model.layers[0].self_attn._fused_qkv.packed is not None
+    monkeypatch.setattr(runner_mod, "fuse_projections", lambda m: 0)
+    monkeypatch.setattr(runner_mod, "pack_weights", lambda m: 0)
+    plain_model = load_model(model_dir, dtype=torch.bfloat16)
+    plain = LLM.from_model(plain_model)
+    assert plain_model.model.layers[0].self_attn._fused_qkv is None
+
+    def tokens(llm, ps):
+        return [o.outputs[0].token_ids for o in llm.generate(ps, GREEDY)]
+
+    before = tokens(plain, prompts)
+    assert tokens(fast, prompts) == before
+    update(fast_model)
+    update(plain_model)
+    for llm in (fast, plain):
+        llm.block_manager.reset_prefix_cache()  # not reset_cache(): packed copies must notice by themselves
+    after = tokens(plain, prompts)
+    assert after != before
+    assert tokens(fast, prompts) == after

@@ -201,3 +201,49 @@ def test_inference_linear_matches_f_linear_and_training_path_has_grads(bias):
     y = lin(x)
     y.square().sum().backward()
     assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_fused_projections_same_logits_and_follow_live_weights(family, tmp_path):
+    """fuse_projections runs q/k/v and gate/up as one matmul at inference. The Parameters keep their
+    identity and names, in-place updates reach the fused weight, and anything that replaces a member
+    (LoRA swap) or its storage (.to(dtype)) falls back to the separate modules, never stale weights."""
+    from lmstack.model.layers import fuse_projections
+    from lmstack.model.lora import LoraSpec, apply_lora
+
+    make_tiny_hf(family, tmp_path / "hf")
+    model = load_model(tmp_path / "hf").eval()
+    tokens = torch.tensor([PROMPTS[2]])
+    pos = torch.arange(tokens.shape[1])[None]
+
+    def logits(m):
+        with torch.no_grad():
+            return m.compute_logits(m(tokens, pos))
+
+    ref = logits(model)
+    params = dict(model.named_parameters())
+    assert fuse_projections(model) == model.config.num_layers * (2 if model.config.gated_mlp else 1)
+    assert dict(model.named_parameters()) == params  # same names, same Parameter objects
+    attn = model.model.layers[0].self_attn
+    assert attn._fused_qkv.intact()
+    torch.testing.assert_close(logits(model), ref, rtol=1e-5, atol=1e-5)
+
+    with torch.no_grad():  # an optimizer step is an in-place update of the Parameter
+        attn.k_proj.weight.mul_(1.5)
+    assert attn._fused_qkv.intact()
+    changed = logits(model)
+    attn._fused_qkv._ptrs = []  # force the separate-module path for the reference
+    torch.testing.assert_close(changed, logits(model), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(changed, ref)
+
+    save_model(model, tmp_path / "saved")  # slices of one storage still save (safetensors refuses shared memory)
+    torch.testing.assert_close(logits(load_model(tmp_path / "saved").eval()), changed, rtol=1e-5, atol=1e-5)
+
+    fused = load_model(tmp_path / "hf").eval()
+    fuse_projections(fused)
+    apply_lora(fused, LoraSpec(r=4, target_modules="all-linear"))
+    assert not fused.model.layers[0].self_attn._fused_qkv.intact()
+    torch.testing.assert_close(logits(fused), ref, rtol=1e-5, atol=1e-5)  # zero-init adapters
+    fused.to(torch.float64)  # new storage: the fused weight would be stale
+    assert not fused.model.layers[0].self_attn._fused_qkv.intact()
+    torch.testing.assert_close(logits(fused).float(), ref, rtol=1e-4, atol=1e-4)

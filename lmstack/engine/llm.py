@@ -22,6 +22,8 @@ import torch
 
 from lmstack.engine.block_manager import BlockManager
 from lmstack.engine.model_runner import ModelRunner, kv_bytes_per_block
+from lmstack.malloc import keep_freed_memory
+from lmstack.model.layers import drop_packed_weights
 from lmstack.engine.outputs import CompletionOutput, EngineStats, RequestOutput
 from lmstack.engine.sampler import Sampler, SampleRow
 from lmstack.engine.sampling_params import SamplingParams
@@ -52,6 +54,7 @@ class LLM:
                  block_size: int = 16, kv_cache_memory: int | None = None, num_kv_blocks: int | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, max_model_len: int | None = None, seed: int = 0) -> None:
+        keep_freed_memory()  # reuse freed heap across steps instead of page-faulting every large tensor anew
         extra_eos: list[int] = []
         if isinstance(model, (str, Path)):
             from lmstack.model.loading import load_model, resolve_dtype
@@ -124,8 +127,10 @@ class LLM:
         return cls(model, tokenizer=tokenizer, **engine_args)
 
     def reset_cache(self) -> None:
-        """Forget the prefix cache (call after the weights changed, e.g. between RL iterations)."""
+        """Forget the prefix cache and packed weight copies (call after the weights changed, e.g. between
+        RL iterations; packed copies also notice in-place updates by themselves, but not `.data` writes)."""
         self.block_manager.reset_prefix_cache()
+        drop_packed_weights(self.model)
 
     # ------------------------------------------------------------------ requests
     def _encode(self, prompt: PromptType) -> tuple[str | None, list[int]]:

@@ -162,7 +162,9 @@ class Sampler:
         tokens = torch.empty(N, dtype=torch.long, device=dev)
         greedy = [i for i, p in enumerate(params) if p.greedy]
         rand = [i for i, p in enumerate(params) if not p.greedy]
-        if greedy:
+        if len(greedy) == N:  # the common case: no (N, V) row-gather copy
+            tokens = logits.argmax(-1)
+        elif greedy:
             g = torch.tensor(greedy, device=dev)
             tokens[g] = logits[g].argmax(-1)
         if rand:

@@ -31,26 +31,175 @@ def _onednn_available() -> bool:
 _ONEDNN = _onednn_available()
 
 
-class Linear(nn.Linear):
-    """nn.Linear whose CPU fp32 inference path calls oneDNN's inner product instead of MKL's sgemm.
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear, except CPU fp32 inference calls oneDNN's inner product instead of MKL's sgemm.
 
     Why: at the small row counts of decoding (1-64 tokens per step) MKL's sgemm measured 1.2x
     (4864x896) to 2x (the 151936x896 LM head) slower than oneDNN's inner product on the AVX2 EPYC
     this was developed on, and decode time is almost all linear layers. It is the kernel PyTorch's
     own compiler (inductor) emits for frozen CPU linears. Training (grad enabled), other dtypes and
-    other devices use F.linear unchanged; the weights are the same Parameters (no packed copy), so an
-    engine running on a live training policy sees every update.
+    other devices use F.linear unchanged.
+    """
+    global _ONEDNN
+    if (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not torch.is_grad_enabled() and x.numel() and weight.is_contiguous()):
+        try:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        except RuntimeError:  # an unusual build or shape oneDNN rejects: use the portable path from now on
+            _ONEDNN = False
+    return F.linear(x, weight, bias)
+
+
+class PackedWeight:
+    """oneDNN's blocked ("packed") copy of a bf16 weight for CPU inference, rebuilt whenever a source
+    Parameter changes (an optimizer step or load_state_dict bumps its `_version`).
+
+    Why: an unpacked bf16 weight is re-laid-out by oneDNN on every call, so a decode-size bf16 matmul
+    moves the weight through memory twice. Packed once, the same products stream at 1.6-1.8x the speed
+    (Sapphire-Rapids-class Xeon with AMX, single row: 9728x896 1.19 -> 0.67 ms, the 151936x896 LM
+    head 14.7 -> 8.9 ms) and give bit-identical results (checked from 1 to 2048 rows with the packing
+    hint below; a hint of 1 picks a layout that rounds differently from 64 rows on). The cost is a
+    second copy of the weight, and in-place writes through `.data` (which bypass `_version`) are not
+    seen: call `drop()` after those.
     """
 
+    HINT = 1024  # batch-size hint for the blocked layout (see above)
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._packed: torch.Tensor | None = None
+
+    def drop(self) -> None:
+        self._key = self._packed = None
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               sources: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        key = tuple((t.data_ptr(), t._version) for t in sources)
+        if key != self._key:
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), self.HINT)
+            self._key = key
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed, bias, "none", [], "")
+
+
+def _use_packed(packed: PackedWeight | None, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (packed is not None and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+            and x.device.type == "cpu" and not torch.is_grad_enabled() and x.numel() > 0)
+
+
+class Linear(nn.Linear):
+    """nn.Linear running `linear` (oneDNN for CPU fp32 inference), or a PackedWeight for bf16 CPU
+    inference once `pack_weights` gave it one. The Parameters stay the source of truth (no packed
+    copy replaces them), so an engine running on a live training policy sees every update."""
+
+    packed: PackedWeight | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        global _ONEDNN
-        if (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
-                and not torch.is_grad_enabled() and x.numel() and self.weight.is_contiguous()):
-            try:
-                return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-            except RuntimeError:  # an unusual build or shape oneDNN rejects: use the portable path from now on
-                _ONEDNN = False
-        return F.linear(x, self.weight, self.bias)
+        if _use_packed(self.packed, x, self.weight):
+            return self.packed.linear(x, self.weight, self.bias, (self.weight,))
+        return linear(x, self.weight, self.bias)
+
+
+class FusedLinears:
+    """Several Linears that read the same input (q/k/v; gate/up), run as one matmul at inference.
+
+    Why: a decode step is weight-bandwidth bound, and one (1152 x 896) product streams the same bytes
+    as three separate ones with a third of the calls and better prefetching (measured 0.34 ms vs
+    0.42 ms per Qwen2.5-0.5B layer for q/k/v, 1.85 vs 1.93 ms for gate/up, single-row fp32).
+
+    The member Parameters keep their identity (optimizers, LoRA and state_dict still see them) but
+    their storage becomes a slice of one concatenated weight, so in-place updates (optimizer steps,
+    load_state_dict) reach the fused weight too. Anything that replaces a member (a LoRA or
+    quantized-linear swap) or its storage (`model.to(dtype)`) is detected by `active()`, and the
+    caller falls back to the separate modules.
+    Computation: one `linear` over the concatenated weight, split along the output features.
+    """
+
+    def __init__(self, owner: nn.Module, names: tuple[str, ...]) -> None:
+        mods = [getattr(owner, n) for n in names]
+        w = torch.cat([m.weight.detach() for m in mods])  # (sum of out features, in features)
+        has_bias = mods[0].bias is not None
+        b = torch.cat([m.bias.detach() for m in mods]) if has_bias else None
+        self.sizes = [m.out_features for m in mods]
+        start = 0
+        for m, n in zip(mods, self.sizes):
+            m.weight.data = w[start:start + n]
+            if has_bias:
+                m.bias.data = b[start:start + n]
+            start += n
+        self.owner, self.names, self.weight, self.bias = owner, names, w, b
+        self._ptrs = self._pointers()
+        self.packed: PackedWeight | None = None
+
+    def _pointers(self) -> list[tuple[int, int]]:
+        mods = [getattr(self.owner, n) for n in self.names]
+        return [(m.weight.data_ptr(), 0 if m.bias is None else m.bias.data_ptr()) for m in mods]
+
+    def intact(self) -> bool:
+        """Every member is still a plain Linear whose storage is its slice of the fused weight."""
+        if any(type(getattr(self.owner, n)) is not Linear for n in self.names):
+            return False
+        return self._pointers() == self._ptrs
+
+    def active(self) -> bool:
+        """Use the fused path: inference (autograd keeps the separate Parameters) and intact."""
+        return not torch.is_grad_enabled() and self.intact()
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if _use_packed(self.packed, x, self.weight):
+            sources = tuple(getattr(self.owner, n).weight for n in self.names)
+            y = self.packed.linear(x, self.weight, self.bias, sources)
+        else:
+            y = linear(x, self.weight, self.bias)
+        return y.split(self.sizes, dim=-1)
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Fuse q/k/v of every attention layer and gate/up of every gated MLP (see FusedLinears).
+    Call after the model is on its final device and dtype. Returns how many groups were fused."""
+    n = 0
+    for mod in model.modules():
+        groups = getattr(mod, "FUSABLE", ())
+        for attr, names in groups:
+            members = [getattr(mod, x, None) for x in names]
+            if not all(type(m) is Linear for m in members):
+                continue
+            if len({(m.weight.dtype, m.weight.device, m.in_features, m.bias is None) for m in members}) != 1:
+                continue
+            setattr(mod, attr, FusedLinears(mod, names))
+            n += 1
+    return n
+
+
+def bf16_packing_supported() -> bool:
+    return _ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def pack_weights(model: nn.Module) -> int:
+    """Give every Linear and FusedLinears a PackedWeight (used for bf16 CPU inference; packing itself
+    happens lazily on the first such call). Returns how many were given one; 0 where oneDNN's bf16
+    path is unavailable."""
+    if not bf16_packing_supported():
+        return 0
+    n = 0
+    for mod in model.modules():
+        if type(mod) is Linear and mod.packed is None:
+            mod.packed = PackedWeight()
+            n += 1
+        for attr, _ in getattr(mod, "FUSABLE", ()):
+            f = getattr(mod, attr)
+            if f is not None and f.packed is None:
+                f.packed = PackedWeight()
+                n += 1
+    return n
+
+
+def drop_packed_weights(model: nn.Module) -> None:
+    """Forget every packed copy (they are rebuilt on next use), e.g. after writes through `.data`."""
+    for mod in model.modules():
+        for p in [getattr(mod, "packed", None)] + [getattr(getattr(mod, a, None), "packed", None)
+                                                   for a, _ in getattr(mod, "FUSABLE", ())]:
+            if isinstance(p, PackedWeight):
+                p.drop()
 
 
 def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
@@ -80,6 +229,9 @@ def get_act(name: str):
 class MLP(nn.Module):
     """Gated (SwiGLU: down(act(gate(x)) * up(x))) or plain two-layer (GPT-2: down(act(up(x))))."""
 
+    FUSABLE = (("_fused_gate_up", ("gate_proj", "up_proj")),)
+    _fused_gate_up: FusedLinears | None = None
+
     def __init__(self, dim: int, hidden: int, act: str, gated: bool, bias: bool) -> None:
         super().__init__()
         self.gated = gated
@@ -91,5 +243,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
+            f = self._fused_gate_up
+            if f is not None and f.active():
+                g, u = f(x)
+                return self.down_proj(self.act(g) * u)
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(self.act(self.up_proj(x)))

@@ -261,13 +261,20 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _standalone(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor owning its whole storage. Parameters can be slices of one fused weight
+    (layers.FusedLinears) and safetensors refuses tensors that share memory."""
+    t = t.contiguous()
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
+
+
 def save_model(model: Transformer, out_dir: str | Path, max_shard_bytes: int = 2 * 1024**3,
                dtype: torch.dtype | None = None) -> None:
     """Writes config.json + model.safetensors (or shards + index) that transformers loads."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = hf_state_dict(model)
-    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
+    sd = {k: _standalone((v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu())
           for k, v in sd.items()}
     cfg = model.config
     dt = next(iter(sd.values())).dtype

@@ -12,11 +12,14 @@ from torch.utils.checkpoint import checkpoint
 
 from lmstack.config import ModelConfig
 from lmstack.model.attention import attention
-from lmstack.model.layers import MLP, Linear, RMSNorm, make_norm
+from lmstack.model.layers import MLP, FusedLinears, Linear, RMSNorm, make_norm
 from lmstack.model.rope import RotaryEmbedding, apply_rope
 
 
 class SelfAttention(nn.Module):
+    FUSABLE = (("_fused_qkv", ("q_proj", "k_proj", "v_proj")),)  # see layers.fuse_projections
+    _fused_qkv: FusedLinears | None = None
+
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -35,9 +38,14 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, meta) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)  # (B, T, Hkv, D)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        f = self._fused_qkv
+        if f is not None and f.active():
+            q, k, v = f(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = k.view(B, T, self.n_kv, self.head_dim)  # (B, T, Hkv, D)
+        v = v.view(B, T, self.n_kv, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
