@@ -155,7 +155,10 @@ def run_hf(a: argparse.Namespace, mode: str) -> dict:
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     mem = PeakMemory(a.device)
-    model = AutoModelForCausalLM.from_pretrained(a.model_dir, torch_dtype=torch.float32)
+    # As in run_lmstack: LoRA under bf16 keeps the frozen base in bf16 (what PEFT users load); full
+    # fine-tuning keeps fp32 master weights under bf16 autocast.
+    base_dtype = torch.bfloat16 if mode == "lora" and a.precision == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(a.model_dir, torch_dtype=base_dtype)
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -231,10 +234,10 @@ def main() -> None:
                    "--batch", str(a.batch), "--steps", str(a.steps), "--device", a.device, "--precision", a.precision, "--threads", str(a.threads)]
             if a.grad_ckpt:
                 cmd.append("--grad-ckpt")
-            # A fixed mmap threshold makes glibc return every freed large tensor to the OS, so RSS
-            # tracks live memory (its default dynamic threshold keeps freed blocks, e.g. the 16-bit
-            # weights QLoRA quantizes away, in the heap and the RSS).
-            env = {**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "131072"}
+            # glibc's default malloc settings in both: what users get. (An earlier version fixed the mmap
+            # threshold so RSS tracked live memory; that page-faulted every large temporary and made
+            # both frameworks ~1.8x slower, elementwise-heavy code most.)
+            env = {**os.environ, "PYTHONPATH": str(ROOT)}
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
             line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
             if line is None:

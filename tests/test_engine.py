@@ -343,3 +343,20 @@ def test_bf16_engine_with_packed_weights_matches_plain_engine(model_dir, prompts
     after = tokens(plain, prompts)
     assert after != before
     assert tokens(fast, prompts) == after
+
+
+def test_decode_groups_partition_by_length():
+    """Decodes attend in groups whose lengths are within 2x of the group's longest; tiny groups merge."""
+    from lmstack.engine.model_runner import group_by_length
+
+    lens = [800, 700, 390, 380, 300, 200, 100, 90, 50, 40, 35, 33]
+    assert group_by_length(lens, min_group=2) == [[0, 1], [2, 3, 4, 5], [6, 7], [8, 9, 10, 11]]
+    assert group_by_length(lens, min_group=4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert group_by_length([5, 500, 6], min_group=4) == [[1, 2, 0]]  # too few for a second call
+    import random
+
+    rng = random.Random(0)
+    for _ in range(50):
+        ls = [rng.randint(1, 2000) for _ in range(rng.randint(1, 64))]
+        groups = group_by_length(ls)
+        assert sorted(i for g in groups for i in g) == list(range(len(ls)))  # a partition

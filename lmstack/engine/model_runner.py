@@ -4,10 +4,11 @@ Batch layout (vLLM style): all scheduled sequences' new tokens are concatenated 
 tokens (1, T) with per-token positions. Decodes (one new token) come first, then prefill chunks.
 `PagedMeta.attend` is called by every layer with that row's q/k/v (after RoPE): it writes the new
 k/v into the paged pool at `slot_mapping` (slot = block_id * block_size + offset), then
-  - decodes: gathers every decode sequence's blocks (whole blocks, one index_select) into one
-    padded (S, Hkv, Lmax, D) tensor and runs a single SDPA call with an additive mask for the
-    padding (and sliding window). The G query heads that share a KV head are laid out as G "query
-    positions", so GQA needs no K/V copy.
+  - decodes: sequences are grouped by context length (each group's lengths within 2x of its
+    longest, so padding wastes < half); per group, every sequence's blocks are gathered (whole blocks,
+    one index_select) into one padded (S, Hkv, Lmax, D) tensor and a single SDPA call runs with an
+    additive mask for the padding (and sliding window). The G query heads that share a KV head are
+    laid out as G "query positions", so GQA needs no K/V copy.
   - prefill chunks: one SDPA call per sequence; when the chunk is the whole context (no cached
     prefix) it attends over its own k/v with `is_causal`, otherwise over its gathered context with
     the query offset (chunked prefill, prefix-cache hit, recompute after preemption).
@@ -15,6 +16,8 @@ Only the hidden state of the last token of each sequence that completes its pend
 through the LM head: never full-vocab logits for every prompt token.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,21 +33,46 @@ def kv_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) 
     return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
 
 
+@dataclass
+class DecodeGroup:
+    """Decode sequences attended together: rows in the step's token row (None = all decodes, in
+    order), block tables (S, nblk) padded with block 0, and context lengths (S,)."""
+
+    rows: torch.Tensor | None
+    blocks: torch.Tensor
+    ctx_lens: torch.Tensor
+
+
+def group_by_length(ctx_lens: list[int], min_group: int = 4) -> list[list[int]]:
+    """Indices grouped so each group's lengths are within 2x of its longest (so padding every member
+    to the longest wastes less than half), longest first; groups smaller than `min_group` join the
+    previous group rather than cost a call of their own."""
+    order = sorted(range(len(ctx_lens)), key=lambda i: -ctx_lens[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (2 * ctx_lens[i] > ctx_lens[groups[-1][0]] or len(groups[-1]) < min_group):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    if len(groups) > 1 and len(groups[-1]) < min_group:
+        groups[-2].extend(groups.pop())
+    return groups
+
+
 class PagedMeta:
     """Per-step attention metadata; owns no state beyond this step (the pool belongs to the runner)."""
 
     def __init__(self, k_blocks: list[torch.Tensor], v_blocks: list[torch.Tensor], slot_mapping: torch.Tensor,
-                 num_decodes: int, dec_blocks: torch.Tensor | None, dec_ctx_lens: torch.Tensor | None,
+                 num_decodes: int, dec_groups: list[DecodeGroup],
                  prefills: list[tuple[int, int, int, torch.Tensor | None]], dtype: torch.dtype) -> None:
         self.k_blocks, self.v_blocks = k_blocks, v_blocks  # per layer (num_blocks, block_size, Hkv, D)
         self.slot_mapping = slot_mapping  # (T,) pool slot (block_id * block_size + offset) of every new token
         self.num_decodes = num_decodes
-        self.dec_blocks = dec_blocks  # (S, nblk) block table of each decode, padded with block 0
-        self.dec_ctx_lens = dec_ctx_lens  # (S,)
+        self.dec_groups = dec_groups
         # prefill chunks: (start in row, num new tokens, num tokens before the chunk, block ids | None)
         self.prefills = prefills
         self.dtype = dtype
-        self._dec_masks: dict[int | None, torch.Tensor] = {}
+        self._dec_masks: dict[tuple[int, int | None], torch.Tensor] = {}
 
     @staticmethod
     def gather(pool: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
@@ -54,18 +82,20 @@ class PagedMeta:
         out = pool.index_select(0, block_ids.reshape(-1))
         return out.view(*block_ids.shape[:-1], block_ids.shape[-1] * bs, Hkv, D)
 
-    def _decode_mask(self, window: int | None) -> torch.Tensor:
-        """(S, 1, 1, Lmax) additive mask: 0 where key j is visible to the query at ctx_len - 1."""
-        m = self._dec_masks.get(window)
+    def _decode_mask(self, gi: int, window: int | None) -> torch.Tensor:
+        """(S, 1, 1, Lmax) additive mask of decode group gi: 0 where key j is visible to the query at
+        ctx_len - 1. Built once per step and reused by every layer."""
+        m = self._dec_masks.get((gi, window))
         if m is None:
-            L = self.dec_blocks.shape[1] * self.k_blocks[0].shape[1]
-            j = torch.arange(L, device=self.dec_ctx_lens.device)[None, :]
-            ctx = self.dec_ctx_lens[:, None]
+            g = self.dec_groups[gi]
+            L = g.blocks.shape[1] * self.k_blocks[0].shape[1]
+            j = torch.arange(L, device=g.ctx_lens.device)[None, :]
+            ctx = g.ctx_lens[:, None]
             ok = j < ctx
             if window is not None:
                 ok &= (ctx - 1 - j) < window
             m = torch.zeros(ok.shape, dtype=self.dtype, device=ok.device).masked_fill_(~ok, float("-inf"))[:, None, None, :]
-            self._dec_masks[window] = m
+            self._dec_masks[(gi, window)] = m
         return m
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -80,12 +110,17 @@ class PagedMeta:
         vb.view(flat).index_copy_(0, self.slot_mapping, v[0].to(vb.dtype))
         out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
         nd = self.num_decodes
-        if nd:
-            qd = q[0, :nd].view(nd, Hkv, G, D)  # (S, Hkv, G, D): G query heads per kv head
-            kd = self.gather(kb, self.dec_blocks).transpose(1, 2)  # (S, Hkv, Lmax, D)
-            vd = self.gather(vb, self.dec_blocks).transpose(1, 2)
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self._decode_mask(window))
-            out[:nd] = od.reshape(nd, H, D)
+        for gi, g in enumerate(self.dec_groups):
+            qg = q[0, :nd] if g.rows is None else q[0, g.rows]
+            S = qg.shape[0]
+            qd = qg.view(S, Hkv, G, D)  # (S, Hkv, G, D): G query heads per kv head
+            kd = self.gather(kb, g.blocks).transpose(1, 2)  # (S, Hkv, Lmax, D)
+            vd = self.gather(vb, g.blocks).transpose(1, 2)
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self._decode_mask(gi, window))
+            if g.rows is None:
+                out[:nd] = od.reshape(S, H, D)
+            else:
+                out[g.rows] = od.reshape(S, H, D)
         for start, n, n_before, ctx_blocks in self.prefills:
             qs = q[:, start:start + n].transpose(1, 2)  # (1, H, n, D)
             if ctx_blocks is None:  # the chunk is the whole context
@@ -148,7 +183,7 @@ class ModelRunner:
         while nd < len(token_ids) and len(token_ids[nd]) == 1:
             nd += 1
         # decodes: scalar arithmetic is cheaper than tensor ops for one token each
-        dec_blocks = dec_ctx = None
+        dec_groups: list[DecodeGroup] = []
         if nd:
             dec_slot_vals = []
             for i in range(nd):
@@ -157,12 +192,17 @@ class ModelRunner:
                 positions.append(p)
                 dec_slot_vals.append(block_tables[i][p // bs] * bs + p % bs)
             slot_list.append(torch.tensor(dec_slot_vals, dtype=torch.long))
-            ctx = torch.tensor([starts[i] + 1 for i in range(nd)], dtype=torch.long)
-            nblk = max(len(block_tables[i]) for i in range(nd))
-            bt = torch.zeros(nd, nblk, dtype=torch.long)
-            for i in range(nd):
-                bt[i, : len(block_tables[i])] = torch.tensor(block_tables[i], dtype=torch.long)
-            dec_blocks, dec_ctx = bt, ctx
+            groups = group_by_length([starts[i] + 1 for i in range(nd)])
+            if len(groups) == 1:
+                groups = [list(range(nd))]  # keep the decodes' own order: no row scatter needed
+            for idx in groups:
+                nblk = max(len(block_tables[i]) for i in idx)
+                bt = torch.zeros(len(idx), nblk, dtype=torch.long)
+                for r, i in enumerate(idx):
+                    bt[r, : len(block_tables[i])] = torch.tensor(block_tables[i], dtype=torch.long)
+                ctx = torch.tensor([starts[i] + 1 for i in idx], dtype=torch.long)
+                rows = None if len(groups) == 1 else torch.tensor(idx, dtype=torch.long, device=self.device)
+                dec_groups.append(DecodeGroup(rows, bt.to(self.device), ctx.to(self.device)))
         prefills = []
         last_index: list[int] = []
         for i in range(nd):
@@ -181,9 +221,8 @@ class ModelRunner:
             last_index.append(row_start + n - 1)
         tokens = torch.tensor(flat_tokens, dtype=torch.long, device=self.device)[None]
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)[None]
-        meta = PagedMeta(self.k_cache, self.v_cache, torch.cat(slot_list).to(self.device), nd,
-                         None if dec_blocks is None else dec_blocks.to(self.device),
-                         None if dec_ctx is None else dec_ctx.to(self.device), prefills, self.model.dtype)
+        meta = PagedMeta(self.k_cache, self.v_cache, torch.cat(slot_list).to(self.device), nd, dec_groups,
+                         prefills, self.model.dtype)
         hidden = self.model(tokens, pos, meta=meta)  # (1, T, D)
         rows = [last_index[i] for i in range(len(token_ids)) if sample_mask[i]]
         if not rows:
