@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -65,10 +66,21 @@ def lmstack_run(model, prompts: list[list[int]], n_new: int) -> tuple[float, flo
     return single, total
 
 
-def llamacpp_run(path: Path, prompts: list[list[int]], n_new: int, threads: int) -> tuple[float, float]:
+def llamacpp_measure(path: Path, prompts: list[list[int]], n_new: int, threads: int,
+                     extra_bufts: bool = True) -> tuple[float, float]:
+    import llama_cpp.llama_cpp as llama_cpp  # the low-level module llama.py reads its defaults from
     import numpy as np
     from llama_cpp import Llama
 
+    if not extra_bufts:  # no weight repacking into AMX / AVX-512 layouts (see llamacpp_run)
+        default = llama_cpp.llama_model_default_params
+
+        def params():
+            p = default()
+            p.use_extra_bufts = False
+            return p
+
+        llama_cpp.llama_model_default_params = params
     llm = Llama(model_path=str(path), n_ctx=512, n_batch=256, n_threads=threads, logits_all=False, verbose=False)
 
     n_vocab = llm.n_vocab()
@@ -91,7 +103,35 @@ def llamacpp_run(path: Path, prompts: list[list[int]], n_new: int, threads: int)
     return single, total
 
 
+def llamacpp_run(path: Path, prompts: list[list[int]], n_new: int, threads: int) -> tuple[float, float, str]:
+    """llamacpp_measure in a child process. On Sapphire-Rapids-class CPUs llama.cpp repacks quantized
+    weights for its AMX kernels and can segfault there (ggml-org/llama.cpp#20824; seen here with
+    Q8_0 in llama-cpp-python 0.3.36); then it is measured again with weight repacking off, and the
+    row says so."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(prompts, f)
+    try:
+        for extra in (1, 0):
+            cmd = [sys.executable, __file__, "--child", str(path), f.name, str(n_new), str(threads), str(extra)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is not None:
+                single, total = json.loads(line[7:])
+                return single, total, "" if extra else " (repacking off: llama.cpp crashed with it)"
+            print(f"llama.cpp on {path.name} {'with' if extra else 'without'} weight repacking exited with "
+                  f"{out.returncode}: {out.stderr.strip()[-300:]}", file=sys.stderr)
+    finally:
+        os.unlink(f.name)
+    raise SystemExit(f"llama.cpp failed on {path}")
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":  # llamacpp_run's child process
+        _, _, path, prompts_file, n_new, threads, extra = sys.argv
+        res = llamacpp_measure(Path(path), json.loads(Path(prompts_file).read_text()), int(n_new), int(threads),
+                               extra_bufts=extra == "1")
+        print("RESULT " + json.dumps(res), flush=True)
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=None, help="override num_layers (default: the real 24)")
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -133,8 +173,8 @@ def main() -> None:
                     mod._apply(lambda t: t.to(dt) if t.is_floating_point() else t, recurse=False)
             ours = lmstack_run(m, prompts, args.new_tokens)
             del m
-            theirs = llamacpp_run(ggufs[ty], prompts, args.new_tokens, args.threads)
-            name = f"lmstack {method or str(dt).replace('torch.', '')} vs llama.cpp {ty.upper()}"
+            *theirs, how = llamacpp_run(ggufs[ty], prompts, args.new_tokens, args.threads)
+            name = f"lmstack {method or str(dt).replace('torch.', '')} vs llama.cpp {ty.upper()}{how}"
             rows.append([label, name, f"{ours[0]:.1f}", f"{theirs[0]:.1f}", f"{ours[0] / theirs[0]:.2f}x",
                          f"{ours[1]:.1f}", f"{theirs[1]:.1f}", f"{ours[1] / theirs[1]:.2f}x"])
             print(f"done {label}", file=sys.stderr)

@@ -15,6 +15,7 @@ order, no permutation). 1-D tensors (norms, biases) stay F32. A tied lm_head is 
 from __future__ import annotations
 
 import json
+import math
 import re
 import tempfile
 from pathlib import Path
@@ -25,6 +26,7 @@ import torch
 
 from lmstack.config import ConfigError, ModelConfig
 from lmstack.log import logger
+from lmstack.model.rope import default_inv_freq, llama3_inv_freq
 
 EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 ARCHS = ("llama", "qwen2", "qwen3")
@@ -100,6 +102,48 @@ def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
 def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     rows = w.shape[0]
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+ROPE_FREQS = "rope_freqs.weight"
+
+
+def fit_llama3_scaling(factors: torch.Tensor, head_dim: int, theta: float, source: str) -> dict[str, Any]:
+    """llama.cpp's per-frequency rope divisors -> HF's `rope_scaling` {"rope_type": "llama3", ...}.
+
+    Llama 3.1 divides each inverse frequency by 1 (wavelength < L / high), by `factor` (wavelength >
+    L / low), or by 1 / ((1 - s) / factor + s) with s = (L / wavelength - low) / (high - low) in
+    between. Only the ratios L : low : high matter, so low = 1 is fixed and L, high are solved from the
+    band's divisors (least squares; with fewer than two band points high = 4, Meta's value). The fit
+    is accepted only if it reproduces every divisor."""
+    inv = default_inv_freq(head_dim, theta)
+    if factors.shape != inv.shape:
+        raise GGUFError(f"{source}: {ROPE_FREQS} has {factors.numel()} values, expected head_dim / 2 = {inv.numel()}")
+    f = factors.double()
+    wavelen = (2 * math.pi / inv).double()
+    factor = float(f.max())
+    band = (f > 1 + 1e-4) & (f < factor * (1 - 1e-4))
+    s = (1 / f[band] - 1 / factor) / (1 - 1 / factor)  # blend weight of each band frequency
+    if int(band.sum()) >= 2:  # L / wavelen - s * high = 1 - s
+        A = torch.stack([1 / wavelen[band], -s], dim=1)
+        L, high = torch.linalg.lstsq(A, (1 - s)[:, None]).solution.squeeze(1).tolist()
+    elif int(band.sum()) == 1:
+        high = 4.0
+        L = float(wavelen[band][0] * (1 + (high - 1) * s[0]))
+    else:  # a step: put L between the longest kept and the shortest divided wavelength
+        high = 4.0
+        kept, divided = wavelen[f <= 1 + 1e-4], wavelen[f >= factor * (1 - 1e-4)]
+        lo_b = float(kept.max()) * high if kept.numel() else 0.0
+        hi_b = float(divided.min()) if divided.numel() else float("inf")
+        L = math.sqrt(lo_b * hi_b) if 0 < lo_b < hi_b < float("inf") else max(lo_b * 1.01, 1.0)
+    if abs(L - round(L)) < 1e-3 * L:  # checkpoints state a whole number of tokens (Meta: 8192)
+        L = round(L)
+    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": float(high),
+               "original_max_position_embeddings": L}
+    if not (high > 1 and L > 0) or not torch.allclose(inv / llama3_inv_freq(inv, scaling), factors.float(),
+                                                      rtol=1e-3, atol=0):
+        raise GGUFError(f"{source}: {ROPE_FREQS} does not follow Llama 3.1's rope scaling; lmstack cannot "
+                        "represent these per-frequency factors")
+    return scaling
 
 
 # -------------------------------------------------------------------------------- tokenizer out
@@ -208,15 +252,19 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, type: str = "f16") 
     if arch not in ARCHS or cfg.head != "lm":
         raise GGUFError(f"{model_dir}: architecture {cfg.architecture!r} cannot be exported to GGUF; "
                         f"supported: {[ModelConfig(model_type=a).architecture for a in ARCHS]}")
-    if cfg.rope_scaling is not None and cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type")) not in (
-            "default", "linear"):
+    rope_type = None if cfg.rope_scaling is None else cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type"))
+    if rope_type not in (None, "default", "linear") and not (rope_type == "llama3" and arch == "llama"):
         raise GGUFError(f"{model_dir}: rope_scaling {cfg.rope_scaling} is not supported by the GGUF exporter "
-                        "(supported: none, linear)")
+                        "(supported: none, linear, and llama3 for llama models)")
     tok = _tokenizer_kv(model_dir, cfg.vocab_size)
     model = load_model(model_dir, dtype=torch.float32)
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith("rotary.")}
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)
+    if rope_type == "llama3":
+        # Llama 3.1 scaling travels as per-frequency divisors (llama.cpp's rope_freqs tensor): the
+        # ratio of the unscaled to the scaled inverse frequencies lmstack's rotary already computes
+        sd[ROPE_FREQS] = default_inv_freq(cfg.head_dim, cfg.rope_theta) / model.rotary.inv_freq
 
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -263,7 +311,7 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, type: str = "f16") 
         w.add_chat_template(tok["template"])
     # tensors
     for name, t in sd.items():
-        gname = hf_to_gguf_name(name)
+        gname = ROPE_FREQS if name == ROPE_FREQS else hf_to_gguf_name(name)
         if gname is None:
             raise GGUFError(f"{model_dir}: tensor {name!r} has no GGUF name")
         t = t.detach().float()
@@ -335,8 +383,14 @@ def _config_from_gguf(reader, path: Path, names: set[str]) -> ModelConfig:
         rope_scaling = {"rope_type": "linear", "factor": float(_field(reader, f"{arch}.rope.scaling.factor"))}
     elif _field(reader, f"{arch}.rope.scaling.type") not in (None, "none"):
         raise GGUFError(f"{path}: rope scaling {_field(reader, f'{arch}.rope.scaling.type')!r} is not supported")
-    if "rope_freqs.weight" in names:
-        raise GGUFError(f"{path}: per-frequency rope factors (rope_freqs, Llama 3.1 scaling) are not supported")
+    if ROPE_FREQS in names:
+        if rope_scaling is not None or arch != "llama":
+            raise GGUFError(f"{path}: per-frequency rope factors ({ROPE_FREQS}) are supported only for llama "
+                            "models without another rope scaling")
+        head_dim = int(_field(reader, f"{arch}.attention.key_length", 0) or 0) or hidden // heads
+        t = next(t for t in reader.tensors if t.name == ROPE_FREQS)
+        rope_scaling = fit_llama3_scaling(_dequant(t).float(), head_dim,
+                                          float(_field(reader, f"{arch}.rope.freq_base", 10000.0)), str(path))
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     return ModelConfig(
         model_type=arch, vocab_size=int(n_vocab), hidden_size=hidden,
@@ -440,6 +494,8 @@ def load_gguf(path: str | Path, tokenizer_dir: str | Path | None = None, with_to
     cfg = _config_from_gguf(reader, path, names)
     sd: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
+        if t.name == ROPE_FREQS:  # already turned into cfg.rope_scaling
+            continue
         hf = gguf_to_hf_name(t.name)
         if hf is None:
             raise GGUFError(f"{path}: tensor {t.name!r} has no lmstack counterpart for {cfg.architecture}")

@@ -7,7 +7,10 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from lmstack.gguf_io import GGUFError, export_gguf, load_gguf, load_gguf_model, permute_qk, unpermute_qk  # noqa: E402
+from lmstack.gguf_io import (  # noqa: E402
+    GGUFError, export_gguf, fit_llama3_scaling, load_gguf, load_gguf_model, permute_qk, unpermute_qk,
+)
+from lmstack.model.rope import default_inv_freq, llama3_inv_freq  # noqa: E402
 from lmstack.model.loading import load_model  # noqa: E402
 
 
@@ -232,16 +235,10 @@ def _greedy_lmstack(model, ids, n):
     return ids
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-@pytest.mark.parametrize("ty", ["f32", "f16"])
-def test_llama_cpp_same_greedy_tokens(family, ty, llama_dir, qwen2_dir, tmp_path):
+def _llama_cpp_greedy(f, model, prompt, n_new):
+    """llama.cpp's greedy continuation of `prompt` from GGUF file f; at every step its logits must be
+    close to lmstack's (model) on the same tokens."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    d, _, _ = llama_dir if family == "llama" else qwen2_dir
-    f = export_gguf(d, tmp_path / f"m-{ty}.gguf", ty)
-    model, _ = load_gguf_model(f, torch.float32)
-    prompt = [5, 17, 123, 42, 250, 7]
-    n_new = 12
-    ours = _greedy_lmstack(model, prompt, n_new)
     llm = llama_cpp.Llama(model_path=str(f), n_ctx=64, n_threads=2, logits_all=False, verbose=False, seed=0)
     theirs = list(prompt)
     llm.eval(theirs)
@@ -254,7 +251,55 @@ def test_llama_cpp_same_greedy_tokens(family, ty, llama_dir, qwen2_dir, tmp_path
         nxt = int(logits.argmax())
         theirs.append(nxt)
         llm.eval([nxt])
-    assert theirs == ours
+    return theirs
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("ty", ["f32", "f16"])
+def test_llama_cpp_same_greedy_tokens(family, ty, llama_dir, qwen2_dir, tmp_path):
+    pytest.importorskip("llama_cpp")
+    d, _, _ = llama_dir if family == "llama" else qwen2_dir
+    f = export_gguf(d, tmp_path / f"m-{ty}.gguf", ty)
+    model, _ = load_gguf_model(f, torch.float32)
+    prompt = [5, 17, 123, 42, 250, 7]
+    assert _llama_cpp_greedy(f, model, prompt, 12) == _greedy_lmstack(model, prompt, 12)
+
+
+def test_llama3_rope_scaling_round_trips_and_matches_llama_cpp(tmp_path_factory, tmp_path):
+    """Llama 3.1 rope scaling is exported as llama.cpp's rope_freqs divisors and read back as the same
+    HF rope_scaling; llama.cpp then agrees with lmstack. The scaling changes these logits by far more
+    than the comparison's tolerance, so a missing or wrong rope_freqs would fail it."""
+    pytest.importorskip("llama_cpp")
+    d, _, ref_model = _make(tmp_path_factory, "llama3", initializer_range=0.3)  # position-sensitive attention
+    f = export_gguf(d, tmp_path / "m.gguf", "f32")
+    model, _ = load_gguf_model(f, torch.float32)
+    want = ref_model.config.rope_scaling
+    got = model.config.rope_scaling
+    assert got["rope_type"] == "llama3" and got["factor"] == want["factor"]
+    torch.testing.assert_close(model.rotary.inv_freq, ref_model.rotary.inv_freq, rtol=1e-5, atol=0)
+    prompt = [5, 17, 123, 42, 250, 7, 99, 31, 64, 12]
+    torch.testing.assert_close(_logits(model, prompt), _logits(ref_model, prompt), rtol=1e-4, atol=1e-4)
+    unscaled = load_model(d)  # the same weights without the scaling
+    unscaled.rotary.inv_freq = default_inv_freq(unscaled.config.head_dim, unscaled.config.rope_theta)
+    diff = (_logits(unscaled, prompt) - _logits(model, prompt)).abs().max()
+    assert diff > 0.05 * _logits(model, prompt).abs().max() + 1e-3
+    assert _llama_cpp_greedy(f, model, prompt, 12) == _greedy_lmstack(model, prompt, 12)
+
+
+def test_fit_llama3_scaling_recovers_meta_parameters():
+    """Llama 3.1 8B's divisors (head_dim 128, theta 5e5, factor 8, low 1, high 4, 8192 tokens) give back
+    its rope_scaling; divisors no Llama 3.1 setting produces are refused."""
+    meta = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
+    inv = default_inv_freq(128, 500000.0)
+    factors = inv / llama3_inv_freq(inv, meta)
+    fit = fit_llama3_scaling(factors, 128, 500000.0, "test")
+    assert fit["original_max_position_embeddings"] == 8192 and fit["factor"] == 8.0
+    assert abs(fit["high_freq_factor"] - 4.0) < 1e-3 and fit["low_freq_factor"] == 1.0
+    bad = factors.clone()
+    bad[5] = 3.3  # a divisor in the "keep" region
+    with pytest.raises(GGUFError, match="rope_freqs"):
+        fit_llama3_scaling(bad, 128, 500000.0, "test")
 
 
 def test_llm_and_cli_run_a_gguf_file(llama_dir, tmp_path):

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 
 
-def _default_inv_freq(dim: int, theta: float) -> torch.Tensor:
+def default_inv_freq(dim: int, theta: float) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
 
 
-def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
+def llama3_inv_freq(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
     """Llama 3.1: long wavelengths are divided by `factor`, short ones kept, the band between blended."""
     factor = s["factor"]
     low, high = s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
@@ -73,12 +73,12 @@ class RotaryEmbedding(torch.nn.Module):
         self.scaling = dict(scaling or {})
         self.rope_type = self.scaling.get("rope_type", self.scaling.get("type", "default"))
         self.attention_scaling = 1.0
-        inv = _default_inv_freq(head_dim, theta)
+        inv = default_inv_freq(head_dim, theta)
         if self.rope_type == "linear":
             inv = inv / self.scaling["factor"]  # position interpolation: pos / factor
         elif self.rope_type == "llama3":
             self.scaling.setdefault("original_max_position_embeddings", max_pos)
-            inv = _llama3_inv_freq(inv, self.scaling)
+            inv = llama3_inv_freq(inv, self.scaling)
         elif self.rope_type == "yarn":
             inv, self.attention_scaling = _yarn_inv_freq(head_dim, theta, self.scaling, max_pos)
         self.register_buffer("inv_freq", inv, persistent=False)
@@ -90,7 +90,7 @@ class RotaryEmbedding(torch.nn.Module):
             return self.inv_freq
         factor = self.scaling["factor"]
         base = self.theta * ((factor * seq_len / orig) - (factor - 1)) ** (self.head_dim / (self.head_dim - 2))
-        return _default_inv_freq(self.head_dim, base).to(self.inv_freq.device)
+        return default_inv_freq(self.head_dim, base).to(self.inv_freq.device)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (..., T) int -> cos, sin (..., T, head_dim) in `dtype`."""

@@ -29,12 +29,13 @@ class _FusedLinearNLL(torch.autograd.Function):
         for s in range(0, n, chunk):
             h = hidden[s:s + chunk].to(compute_dtype)
             y = targets[s:s + chunk]
-            logits = (h @ w.t()).to(acc)  # (C, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (C,)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            # log-softmax straight from the compute-dtype logits into fp32: one fused pass instead of
+            # a cast, a logsumexp and a subtraction over the (C, V) matrix
+            lsm = torch.log_softmax(h @ w.t(), dim=-1, dtype=acc)  # (C, V)
+            total -= lsm.gather(1, y[:, None]).sum()
             if need_h or need_w:
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                g.scatter_add_(1, y[:, None], torch.full_like(lse[:, None], -1.0))  # softmax - onehot
+                g = lsm.exp_()  # softmax, in place
+                g.scatter_add_(1, y[:, None], torch.full((g.shape[0], 1), -1.0, dtype=acc, device=g.device))  # softmax - onehot
                 g = g.to(compute_dtype)
                 if need_h:
                     grad_h[s:s + chunk] = (g @ w).to(hidden.dtype)
