@@ -54,7 +54,7 @@ class _FusedLinearNLL(torch.autograd.Function):
 
 
 def fused_linear_nll(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
-                     chunk: int = 2048) -> torch.Tensor:
+                     chunk: int = 1024) -> torch.Tensor:
     """sum over positions with labels != ignore_index of -log softmax(hidden @ weight.T)[label].
 
     hidden (..., D), weight (V, D), labels (...) int64. Equals

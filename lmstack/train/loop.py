@@ -34,6 +34,7 @@ from torch import nn
 
 from lmstack.config import ConfigError, ModelConfig
 from lmstack.log import logger, progress
+from lmstack.malloc import keep_freed_memory, release_freed_memory
 from lmstack.train.algos import LossOutput, Stage, get_stage
 from lmstack.train.config import InitConfig, TrainConfig, check_resume_compatible, config_to_yaml
 from lmstack.train.data import ResumableSampler, split_eval
@@ -160,6 +161,7 @@ def _prepare_model(cfg: TrainConfig, model: nn.Module) -> None:
 
             # QLoRA: the frozen base is stored as NF4 and computed in bf16; lm_head stays dense.
             quantize_model(model, "nf4", skip=("lm_head", "score"), compute_dtype=torch.bfloat16)
+            release_freed_memory()  # the 16-bit weights just replaced would otherwise stay resident
         names = apply_lora(model, cfg.lora)
         logger.info("LoRA: %d modules adapted (r=%d, alpha=%g%s)", len(names), cfg.lora.r, cfg.lora.alpha,
                     ", QLoRA NF4 base" if cfg.lora.qlora else "")
@@ -293,6 +295,11 @@ class _Run:
     def __init__(self, cfg: TrainConfig, stage: Stage, model: nn.Module, extra: list[nn.Module],
                  sampler: ResumableSampler, di: DistInfo) -> None:
         self.cfg, self.stage, self.model, self.di, self.sampler = cfg, stage, model, di, sampler
+        if di.device.type == "cpu":
+            # every step allocates the same large activations and logits chunks again; reusing the
+            # freed heap instead of page-faulting fresh mmaps measured +19% tokens/s (full SFT,
+            # SmolLM2-135M shape, seq 512 x 8, bf16) at 5% lower peak RSS (lmstack/malloc.py)
+            keep_freed_memory()
         self.extra = nn.ModuleList(extra)
         self.named = [(f"model.{n}", p) for n, p in model.named_parameters() if p.requires_grad]
         self.named += [(f"extra.{n}", p) for n, p in self.extra.named_parameters() if p.requires_grad]

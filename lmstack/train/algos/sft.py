@@ -17,8 +17,11 @@ def lm_head_weight(model: nn.Module) -> torch.Tensor:
     return head.weight
 
 
-def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int = 2048) -> LossOutput:
-    """Summed next-token NLL over target tokens; the (B, T, V) logits are never built at once."""
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int = 1024) -> LossOutput:
+    """Summed next-token NLL over target tokens; the (B, T, V) logits are never built at once.
+    `chunk` rows of fp32 logits at a time: 1024 x 49152 is 200 MB, and the chunk adds to the step's
+    peak memory (it runs at the end of the forward pass, with every activation alive); 2048 measured
+    13% faster for this loss but 300 MB more peak on SmolLM2-135M at 4096 tokens per step."""
     hidden = model(batch["tokens"], batch["positions"])  # (B, T, D)
     labels = batch["labels"]  # (B, T), IGNORE where not a target
     total = fused_linear_nll(hidden, lm_head_weight(model), labels, ignore_index=IGNORE, chunk=chunk)
