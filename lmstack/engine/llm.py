@@ -123,7 +123,10 @@ class LLM:
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, tokenizer: Any = None, **engine_args: Any) -> "LLM":
-        """An engine over an already-built model (e.g. the policy being trained): shares its weights."""
+        """An engine over an already-built model (e.g. the policy being trained): shares its weights.
+        The engine fuses q/k/v and gate/up (the Parameters become slices of one weight each; use
+        lmstack's save_model, as safetensors' own save refuses tensors that share memory) and, for
+        bf16 on CPU, keeps packed weight copies that follow in-place updates (layers.PackedWeight)."""
         return cls(model, tokenizer=tokenizer, **engine_args)
 
     def reset_cache(self) -> None:
