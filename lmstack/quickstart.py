@@ -58,8 +58,9 @@ class QuickstartConfig:
     # 1-3 digits turned GRPO's +0.7 into +2.0 points. DPO: lr 2e-5 lost 8 points; lr 5e-6 +1.6;
     # lr 1e-5 with beta 0.5 +2.0, with the NLL term +2.1, with both +2.2. GRPO: lr 1e-4 +1.2,
     # 120 steps at 5e-5 +1.1; at lr 3e-4 it lost 23 points.
-    # On an AMX Xeon (bf16-native; a numerically different 76.4% SFT model) the same settings gave
-    # DPO -0.1 (p=1) and GRPO +2.7 (p=0.003): DPO's gain here is small and model-dependent.
+    # Not robust: on an AMX Xeon the same settings gave DPO -0.1 (p=1) / GRPO +2.7 (p=0.003) from a
+    # 76.4% SFT model, and after a change in the order of the fused cross-entropy's sums (an 81.9%
+    # SFT model) DPO -4.1 (p=4e-5) / GRPO +0.4 (p=0.72). Tuning these needs a dev split.
     align_stages: tuple[str, ...] = DEFAULT_ALIGN
     align_problems: int = 1024  # training problems sampled to build preference / KTO data and RL prompts
     align_digits: tuple[int, int] = (2, 3)  # operand digits of those problems (training split)
