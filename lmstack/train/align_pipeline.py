@@ -104,7 +104,7 @@ def build_preference_data(qc: Any, out: Path, sft_dir: str) -> AlignData:
 # Measured on a reduced quickstart (+ only, 2-digit test, CoT SFT at 10% held-out): DPO with the NLL
 # term at lr 1e-4, beta 0.1, 60 steps -> 13%; plain DPO (nll 0) -> 3%; lr 3e-4 / 5e-5 -> 11%;
 # beta 0.3 -> 10%; 120 steps -> 11% (100 test problems: +-3 points is noise).
-DEFAULTS = {"align_lr": 1e-4, "dpo_beta": 0.1, "dpo_nll_weight": 1.0, "rl_lr": 3e-5}
+DEFAULTS = {"align_lr": 1e-4, "dpo_lr": 1e-4, "dpo_beta": 0.1, "dpo_nll_weight": 1.0, "rl_lr": 3e-5}
 
 
 def _hp(qc: Any, name: str) -> Any:
@@ -134,6 +134,7 @@ def stage_config(qc: Any, stage: str, out: Path, sft_dir: str, data: AlignData, 
         # + NLL on the chosen answer (RPO, Pang et al. 2024, "Iterative Reasoning Preference
         # Optimization"): on self-sampled right-vs-wrong chains of thought plain DPO tends to lower
         # the likelihood of both answers; the NLL term keeps the chosen one up.
+        optim["lr"] = _hp(qc, "dpo_lr")
         raw["algo"] = {"beta": _hp(qc, 'dpo_beta'), "precompute_ref": True, "nll_weight": _hp(qc, 'dpo_nll_weight')}
     elif stage == "kto":
         # λ_D n_D = λ_U n_U: the paper's recommended balance when one label is rarer
