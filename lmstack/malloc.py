@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -22,18 +23,25 @@ _M_MMAP_THRESHOLD = -3
 _done = False
 
 
+def _glibc(name: str, argtypes: list) -> Any:
+    """glibc's function `name` (returning int), or None where the C library is not glibc."""
+    try:
+        fn = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):  # musl, macOS, Windows
+        return None
+    fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    return fn
+
+
 def keep_freed_memory(threshold: int = 1 << 30) -> bool:
     """Raise glibc's mmap and trim thresholds to `threshold` bytes (once per process). Returns
     whether glibc accepted both."""
     global _done
     if _done:
         return True
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
+    mallopt = _glibc("mallopt", [ctypes.c_int, ctypes.c_int])
+    if mallopt is None:
         return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     ok = mallopt(_M_MMAP_THRESHOLD, threshold) == 1 and mallopt(_M_TRIM_THRESHOLD, threshold) == 1
     logger.debug("mallopt mmap/trim threshold %d bytes: %s", threshold, "ok" if ok else "refused")
     _done = ok
@@ -45,10 +53,5 @@ def release_freed_memory() -> bool:
     the 16-bit base weights with NF4 ones: otherwise the freed weights stay in the process's resident
     memory (all the more so once keep_freed_memory disabled trimming). Returns whether memory was
     released; False where the C library is not glibc."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim(0) == 1
+    trim = _glibc("malloc_trim", [ctypes.c_size_t])
+    return trim is not None and trim(0) == 1

@@ -300,6 +300,8 @@ def test_fit_llama3_scaling_recovers_meta_parameters():
     bad[5] = 3.3  # a divisor in the "keep" region
     with pytest.raises(GGUFError, match="rope_freqs"):
         fit_llama3_scaling(bad, 128, 500000.0, "test")
+    with pytest.raises(GGUFError, match="has 32 values, expected head_dim / 2 = 64"):
+        fit_llama3_scaling(factors[:32], 128, 500000.0, "test")
 
 
 def test_llm_and_cli_run_a_gguf_file(llama_dir, tmp_path):

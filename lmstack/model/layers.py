@@ -81,9 +81,13 @@ class PackedWeight:
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, bias, "none", [], "")
 
 
-def _use_packed(packed: PackedWeight | None, x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (packed is not None and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
-            and x.device.type == "cpu" and not torch.is_grad_enabled() and x.numel() > 0)
+def _project(packed: PackedWeight | None, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+             sources: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """x W^T + b through the packed copy for bf16 CPU inference, else through `linear`."""
+    if (packed is not None and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+            and x.device.type == "cpu" and not torch.is_grad_enabled() and x.numel() > 0):
+        return packed.linear(x, weight, bias, sources)
+    return linear(x, weight, bias)
 
 
 class Linear(nn.Linear):
@@ -94,9 +98,7 @@ class Linear(nn.Linear):
     packed: PackedWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _use_packed(self.packed, x, self.weight):
-            return self.packed.linear(x, self.weight, self.bias, (self.weight,))
-        return linear(x, self.weight, self.bias)
+        return _project(self.packed, x, self.weight, self.bias, (self.weight,))
 
 
 class FusedLinears:
@@ -115,42 +117,36 @@ class FusedLinears:
     """
 
     def __init__(self, owner: nn.Module, names: tuple[str, ...]) -> None:
-        mods = [getattr(owner, n) for n in names]
-        w = torch.cat([m.weight.detach() for m in mods])  # (sum of out features, in features)
-        has_bias = mods[0].bias is not None
-        b = torch.cat([m.bias.detach() for m in mods]) if has_bias else None
-        self.sizes = [m.out_features for m in mods]
+        self.owner, self.names = owner, names
+        self.mods: list[Linear] = [getattr(owner, n) for n in names]
+        self.weight = torch.cat([m.weight.detach() for m in self.mods])  # (sum of out features, in features)
+        has_bias = self.mods[0].bias is not None
+        self.bias = torch.cat([m.bias.detach() for m in self.mods]) if has_bias else None
+        self.sizes = [m.out_features for m in self.mods]
         start = 0
-        for m, n in zip(mods, self.sizes):
-            m.weight.data = w[start:start + n]
+        for m, n in zip(self.mods, self.sizes):
+            m.weight.data = self.weight[start:start + n]
             if has_bias:
-                m.bias.data = b[start:start + n]
+                m.bias.data = self.bias[start:start + n]
             start += n
-        self.owner, self.names, self.weight, self.bias = owner, names, w, b
         self._ptrs = self._pointers()
         self.packed: PackedWeight | None = None
 
     def _pointers(self) -> list[tuple[int, int]]:
-        mods = [getattr(self.owner, n) for n in self.names]
-        return [(m.weight.data_ptr(), 0 if m.bias is None else m.bias.data_ptr()) for m in mods]
+        return [(m.weight.data_ptr(), 0 if m.bias is None else m.bias.data_ptr()) for m in self.mods]
 
     def intact(self) -> bool:
-        """Every member is still a plain Linear whose storage is its slice of the fused weight."""
-        if any(type(getattr(self.owner, n)) is not Linear for n in self.names):
-            return False
-        return self._pointers() == self._ptrs
+        """Every member is still the module it was (no LoRA / quantized swap) and its storage is still
+        its slice of the fused weight (no `.to(dtype)`)."""
+        return all(getattr(self.owner, n) is m for n, m in zip(self.names, self.mods)) and self._pointers() == self._ptrs
 
     def active(self) -> bool:
         """Use the fused path: inference (autograd keeps the separate Parameters) and intact."""
         return not torch.is_grad_enabled() and self.intact()
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if _use_packed(self.packed, x, self.weight):
-            sources = tuple(getattr(self.owner, n).weight for n in self.names)
-            y = self.packed.linear(x, self.weight, self.bias, sources)
-        else:
-            y = linear(x, self.weight, self.bias)
-        return y.split(self.sizes, dim=-1)
+        sources = tuple(m.weight for m in self.mods)
+        return _project(self.packed, x, self.weight, self.bias, sources).split(self.sizes, dim=-1)
 
 
 def fuse_projections(model: nn.Module) -> int:
@@ -174,6 +170,16 @@ def bf16_packing_supported() -> bool:
     return _ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def _projections(model: nn.Module):
+    """Every Linear and FusedLinears of the model: the things that can hold a PackedWeight."""
+    for mod in model.modules():
+        if type(mod) is Linear:
+            yield mod
+        for attr, _ in getattr(mod, "FUSABLE", ()):
+            if getattr(mod, attr) is not None:
+                yield getattr(mod, attr)
+
+
 def pack_weights(model: nn.Module) -> int:
     """Give every Linear and FusedLinears a PackedWeight (used for bf16 CPU inference; packing itself
     happens lazily on the first such call). Returns how many were given one; 0 where oneDNN's bf16
@@ -181,25 +187,18 @@ def pack_weights(model: nn.Module) -> int:
     if not bf16_packing_supported():
         return 0
     n = 0
-    for mod in model.modules():
-        if type(mod) is Linear and mod.packed is None:
-            mod.packed = PackedWeight()
+    for p in _projections(model):
+        if p.packed is None:
+            p.packed = PackedWeight()
             n += 1
-        for attr, _ in getattr(mod, "FUSABLE", ()):
-            f = getattr(mod, attr)
-            if f is not None and f.packed is None:
-                f.packed = PackedWeight()
-                n += 1
     return n
 
 
 def drop_packed_weights(model: nn.Module) -> None:
     """Forget every packed copy (they are rebuilt on next use), e.g. after writes through `.data`."""
-    for mod in model.modules():
-        for p in [getattr(mod, "packed", None)] + [getattr(getattr(mod, a, None), "packed", None)
-                                                   for a, _ in getattr(mod, "FUSABLE", ())]:
-            if isinstance(p, PackedWeight):
-                p.drop()
+    for p in _projections(model):
+        if p.packed is not None:
+            p.packed.drop()
 
 
 def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
