@@ -336,3 +336,14 @@ def test_cli_export_gguf(llama_dir, tmp_path):
     r = subprocess.run([sys.executable, "-m", "lmstack.cli", "export", "--model", str(d), "--out", str(tmp_path / "x")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--adapter" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_export_refuses_rope_scaling_gguf_cannot_carry(tmp_path):
+    """YaRN has no GGUF export here: one clear error naming the scaling, before anything is written."""
+    from tests.fixtures import make_tiny_hf
+
+    make_tiny_hf("llama", tmp_path / "m", rope_scaling={"rope_type": "yarn", "factor": 2.0,
+                                                        "original_max_position_embeddings": 128})
+    with pytest.raises(GGUFError, match="rope_scaling .*yarn.* is not supported by the GGUF exporter"):
+        export_gguf(tmp_path / "m", tmp_path / "m.gguf", "f16")
+    assert not (tmp_path / "m.gguf").exists()
