@@ -61,9 +61,15 @@ class QuickstartConfig:
     # 150 steps +2.9 (p=0.005) and +2.4 (p=0.006): 150 keeps the AVX2 quickstart well under 10 min
     # (lr 1e-5 / 6e-5 at 60 steps: within +-1.2). No DPO setting helped on dev: lr 1e-5 -1.1 / -3.4,
     # 5e-6 -0.4 / -1.3, 3e-6 +0.3 / -0.3, beta 1.0 -2.2 at worst, 20 steps -0.5, no NLL -1.8 at worst,
-    # beta 0.1 with 80-120 steps -0.7 to +0.2; 3e-6 is the least harmful.
+    # beta 0.1 with 80-120 steps -0.7 to +0.2. All of those pairs put a right sample against a wrong
+    # one, both at temperature 1. Pairs that target the *greedy* answer (what the test scores: a wrong
+    # greedy answer rejected, up to two right samples chosen) gave +1.0 to +1.5 on dev for both models
+    # at lr 3e-6 - 5e-6 and 40-80 steps (1,024 problems: +1.0 / +1.2; 2,048 problems +1.1, p=0.027
+    # and +1.1, p=0.09); lr 1e-5 -1.1 / -2.1, 120 steps at 3e-6 +0.2 / -0.8; adding right-greedy vs
+    # wrong-sample pairs -0.5 / -0.3; beta 0.1 and no NLL: same as beta 0.5 with NLL at this lr.
     align_stages: tuple[str, ...] = DEFAULT_ALIGN
-    align_problems: int = 1024  # training problems sampled to build preference / KTO data and RL prompts
+    align_problems: int = 1024  # training problems whose prompts RL trains on
+    pref_problems: int = 2048  # training problems sampled (greedy + align_samples) for preference / KTO data
     align_digits: tuple[int, int] = (2, 3)  # operand digits of those problems (training split)
     align_samples: int = 4  # completions per problem for preference data
     align_steps: int = 40
@@ -85,7 +91,8 @@ class QuickstartConfig:
             lo, hi = getattr(self, k)
             if not 1 <= lo <= hi:
                 raise ValueError(f"quickstart: {k} must be (min, max) with 1 <= min <= max, got {getattr(self, k)}")
-        for k in ("pretrain_docs", "sft_examples", "test_problems", "batch_size", "pretrain_steps", "sft_steps"):
+        for k in ("pretrain_docs", "sft_examples", "test_problems", "batch_size", "pretrain_steps", "sft_steps",
+                  "align_problems", "pref_problems", "align_samples"):
             if getattr(self, k) <= 0:
                 raise ValueError(f"quickstart: {k} must be positive, got {getattr(self, k)}")
 
@@ -95,7 +102,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # seconds: exercises every stage end to end, learns nothing useful
     "tiny": dict(pretrain_docs=300, sft_examples=200, test_problems=16, vocab_size=300, hidden_size=32,
                  num_layers=2, num_heads=2, max_len=160, batch_size=8, pretrain_steps=6, sft_steps=6,
-                 align_problems=8, align_samples=2, align_steps=2, rl_steps=1),
+                 align_problems=8, pref_problems=8, align_samples=2, align_steps=2, rl_steps=1),
 }
 
 

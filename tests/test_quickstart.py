@@ -57,3 +57,30 @@ def test_bad_quickstart_config_is_named():
         QuickstartConfig(align_digits=(3, 2))
     with pytest.raises(ValueError, match="test_digits"):
         QuickstartConfig(test_digits=(0, 2))
+
+
+def test_preference_pairs_target_the_greedy_answer():
+    """DPO pairs reject the wrong greedy answer (the one the test scores) with up to two distinct right
+    samples as chosen, or the reference solution when none is right; a right greedy answer gives no DPO
+    pair. RM pairs keep every right-vs-wrong sample combination; KTO labels every distinct answer."""
+    import random
+
+    from lmstack.train.align_pipeline import Sampled, preference_data
+
+    r, w, w2 = "2+3=5\nAnswer: 5", "2+3=6\nAnswer: 6", "2+3=7\nAnswer: 7"
+    r2, r3 = "3+2=5\nAnswer: 5", "5\nAnswer: 5"
+    sampled = [
+        Sampled("p1", 5, "gold1\nAnswer: 5", greedy=w, samples=[r, r, r2, r3, w2]),
+        Sampled("p2", 5, "gold2\nAnswer: 5", greedy=r, samples=[w, r2]),
+        Sampled("p3", 5, "gold3\nAnswer: 5", greedy=w, samples=[w2, w2]),
+        Sampled("p4", 5, "gold4\nAnswer: 5", greedy=r, samples=[r, r2]),
+    ]
+    rows = preference_data(sampled, rm_pairs_per_problem=4, rng=random.Random(0))
+    got = sorted((p["prompt"], p["chosen"], p["rejected"]) for p in rows.pairs)
+    assert got == [("p1", r, w), ("p1", r2, w), ("p3", "gold3\nAnswer: 5", w)]
+    assert rows.n_gold == 1
+    rm = sorted((p["prompt"], p["chosen"], p["rejected"]) for p in rows.rm_pairs)
+    assert rm == sorted([("p1", c, w2) for c in (r, r2, r3)] + [("p2", r2, w), ("p3", "gold3\nAnswer: 5", w2)])
+    kto = {(k["prompt"], k["completion"]): k["label"] for k in rows.kto}
+    assert kto[("p1", w)] is False and kto[("p1", r3)] is True and kto[("p3", w2)] is False
+    assert len(rows.kto) == 5 + 3 + 2 + 2  # distinct answers per problem, the greedy one included

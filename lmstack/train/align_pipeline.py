@@ -1,10 +1,18 @@
 """The quickstart's alignment section: from the chain-of-thought SFT model to one report row per method.
 
-1. Sample `align_samples` answers (temperature 1) to `align_problems` training problems with the
-   lmstack engine; check each answer's final number (`arith.extract_answer`).
-2. Preference pairs: a correct answer is chosen, a wrong one to the same problem rejected (up to
-   `align_samples` pairs per problem; when no sample is right, the reference CoT solution is the
-   chosen one); KTO examples: every distinct answer, labelled desirable iff correct. Written as JSONL next to the runs (`align_data/`), in the formats `lmstack train` reads.
+1. Sample `pref_problems` training problems with the lmstack engine: the greedy answer (what the
+   test measures) and `align_samples` answers at temperature 1; check each final number
+   (`arith.extract_answer`).
+2. Data (`preference_data`), written as JSONL next to the runs (`align_data/`) in the formats
+   `lmstack train` reads:
+   - preference pairs for DPO / ORPO / SimPO target the greedy answer: where it is wrong, it is the
+     rejected answer and up to two correct samples are chosen (the reference CoT solution when no
+     sample is right). Pairs of a right greedy answer against a wrong *sampled* one push down tokens
+     greedy decoding never picks; measured on a dev set they cost accuracy (see quickstart.py);
+   - reward-model pairs: every correct sample against a wrong one (up to `align_samples` per problem),
+     so the RM learns to score the temperature-1 samples PPO will show it;
+   - KTO examples: every distinct answer, labelled desirable iff correct;
+   - RL prompts: the first `align_problems` problems with their answers.
 3. Train each requested stage from the SFT checkpoint through the same `load_config` + `train`
    route as `lmstack train <stage>` (rm before ppo, whose reward it is), evaluate on the held-out
    test set, and report accuracy, change versus SFT and wall time.
@@ -25,14 +33,67 @@ ORDER = ("rm", "dpo", "kto", "orpo", "simpo", "ppo", "grpo")
 
 @dataclass
 class AlignData:
-    pairs: str
+    pairs: str  # greedy-targeted pairs (DPO, ORPO, SimPO)
     kto: str
     prompts: str
     n_pairs: int
     n_kto: int
-    sample_accuracy: float  # share of sampled answers that were correct
+    sample_accuracy: float  # share of temperature-1 samples that were correct
     n_desirable: int = 0
     gold_chosen: int = 0  # problems whose chosen answer is the reference solution (no sample was right)
+    rm_pairs: str = ""  # every right sample against a wrong one (reward model)
+    n_rm_pairs: int = 0
+    greedy_accuracy: float = 0.0
+
+
+@dataclass
+class Sampled:
+    """One training problem and the SFT model's answers to it."""
+    prompt: str
+    answer: int
+    gold: str  # the task's reference chain-of-thought solution
+    greedy: str
+    samples: list[str]
+
+
+@dataclass
+class PreferenceRows:
+    pairs: list[dict]
+    rm_pairs: list[dict]
+    kto: list[dict]
+    n_gold: int
+
+
+def preference_data(sampled: list[Sampled], rm_pairs_per_problem: int, rng: random.Random,
+                    chosen_per_problem: int = 2) -> PreferenceRows:
+    """Turns sampled answers into DPO / RM pairs and KTO labels (see the module docstring)."""
+    from lmstack.tasks import arith
+
+    pairs: list[dict] = []
+    rm_pairs: list[dict] = []
+    kto: list[dict] = []
+    n_gold = 0
+    for s in sampled:
+        right = lambda t: arith.extract_answer(t) == s.answer  # noqa: E731
+        texts = list(dict.fromkeys(s.samples))  # distinct answers, in sample order
+        ok = [t for t in texts if right(t)]
+        bad = [t for t in texts if not right(t)]
+        # an empty greedy answer (a model that stops at once) cannot be a DPO completion: the first
+        # wrong non-empty sample stands in for it
+        rejected = s.greedy if s.greedy.strip() else next((t for t in bad if t.strip()), None)
+        if not right(s.greedy) and rejected is not None:
+            chosen = ok[:chosen_per_problem]
+            if not chosen:
+                chosen = [s.gold]
+                n_gold += 1
+            pairs += [{"prompt": s.prompt, "chosen": c, "rejected": rejected} for c in chosen]
+        combos = [(c, r) for c in (ok or ([s.gold] if bad else [])) for r in bad]
+        rng.shuffle(combos)
+        rm_pairs += [{"prompt": s.prompt, "chosen": c, "rejected": r} for c, r in combos[:rm_pairs_per_problem]]
+        for t in dict.fromkeys(texts + [s.greedy]):
+            kto.append({"prompt": s.prompt, "completion": t, "label": right(t)})
+    rng.shuffle(pairs)
+    return PreferenceRows(pairs, rm_pairs, kto, n_gold)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> str:
@@ -41,13 +102,14 @@ def _write_jsonl(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
-def align_problems(qc: Any) -> list[Any]:
-    """The training-split problems alignment samples on (their own RNG stream: not the SFT set's)."""
+def align_problems(qc: Any, n: int | None = None) -> list[Any]:
+    """The training-split problems alignment samples on (their own RNG stream: not the SFT set's).
+    The first `align_problems` of them are the RL prompts; preference data uses `pref_problems`."""
     from lmstack.tasks import arith
 
     rng = random.Random(f"lmstack-quickstart-align|{qc.seed}")
     return [arith.make_problem(rng, tuple(qc.ops), digits=tuple(qc.align_digits), split="train")
-            for _ in range(qc.align_problems)]
+            for _ in range(qc.align_problems if n is None else n)]
 
 
 def sample_tokens(qc: Any) -> int:
@@ -60,44 +122,30 @@ def train_len(qc: Any) -> int:
 
 
 def build_preference_data(qc: Any, out: Path, sft_dir: str) -> AlignData:
-    """Sample the SFT model on training problems and turn its answers into pairs and KTO labels.
-
-    When no sample of a problem is correct, the task's reference chain-of-thought solution is the
-    chosen answer (it is what SFT imitated), so hard problems still give pairs.
-    """
+    """Sample the SFT model on training problems and write pairs, KTO labels and RL prompts."""
     from lmstack.engine.llm import LLM
     from lmstack.engine.sampling_params import SamplingParams
     from lmstack.tasks import arith
 
-    problems = align_problems(qc)
+    problems = align_problems(qc, max(qc.pref_problems, qc.align_problems))
     llm = LLM(sft_dir, dtype="float32", max_num_seqs=256, max_num_batched_tokens=8192, seed=qc.seed)
-    params = SamplingParams(n=qc.align_samples, temperature=1.0, max_tokens=sample_tokens(qc), seed=qc.seed)
-    outs = llm.chat([[{"role": "user", "content": p.question}] for p in problems], params)
-    rng = random.Random(qc.seed)
-    pairs: list[dict] = []
-    kto: list[dict] = []
-    n_correct = n_total = n_gold = 0
-    for prob, out_ in zip(problems, outs):
-        texts = list(dict.fromkeys(o.text for o in out_.outputs))  # distinct answers, in sample order
-        ok = [t for t in texts if arith.extract_answer(t) == prob.answer]
-        bad = [t for t in texts if t not in ok]
-        n_total += len(out_.outputs)
-        n_correct += sum(arith.extract_answer(o.text) == prob.answer for o in out_.outputs)
-        if bad and not ok:
-            ok = [arith.cot_solution(prob)]
-            n_gold += 1
-        combos = [(c, r) for c in ok for r in bad]
-        rng.shuffle(combos)
-        for c, r in combos[: qc.align_samples]:
-            pairs.append({"prompt": prob.question, "chosen": c, "rejected": r})
-        for t in dict.fromkeys(ok + bad):
-            kto.append({"prompt": prob.question, "completion": t, "label": t in ok})
+    chats = [[{"role": "user", "content": p.question}] for p in problems[: qc.pref_problems]]
+    greedy = llm.chat(chats, SamplingParams(temperature=0.0, max_tokens=sample_tokens(qc)))
+    samples = llm.chat(chats, SamplingParams(n=qc.align_samples, temperature=1.0, max_tokens=sample_tokens(qc),
+                                             seed=qc.seed))
     del llm
+    sampled = [Sampled(p.question, p.answer, arith.cot_solution(p), g.outputs[0].text, [o.text for o in s.outputs])
+               for p, g, s in zip(problems, greedy, samples)]
+    rows = preference_data(sampled, qc.align_samples, random.Random(qc.seed))
+    n_samples = sum(len(s.samples) for s in sampled)
+    sample_acc = sum(arith.extract_answer(t) == s.answer for s in sampled for t in s.samples) / max(n_samples, 1)
+    greedy_acc = sum(arith.extract_answer(s.greedy) == s.answer for s in sampled) / max(len(sampled), 1)
     d = out / "align_data"
-    rl = [{"prompt": p.question, "answer": p.answer} for p in problems]
-    return AlignData(_write_jsonl(d / "pairs.jsonl", pairs), _write_jsonl(d / "kto.jsonl", kto),
-                     _write_jsonl(d / "rl_prompts.jsonl", rl), len(pairs), len(kto), n_correct / max(n_total, 1),
-                     sum(r["label"] for r in kto), n_gold)
+    rl = [{"prompt": p.question, "answer": p.answer} for p in problems[: qc.align_problems]]
+    return AlignData(_write_jsonl(d / "pairs.jsonl", rows.pairs), _write_jsonl(d / "kto.jsonl", rows.kto),
+                     _write_jsonl(d / "rl_prompts.jsonl", rl), len(rows.pairs), len(rows.kto), sample_acc,
+                     sum(r["label"] for r in rows.kto), rows.n_gold,
+                     _write_jsonl(d / "rm_pairs.jsonl", rows.rm_pairs), len(rows.rm_pairs), greedy_acc)
 
 
 # Hyper-parameters of the alignment runs; a QuickstartConfig field of the same name overrides each.
@@ -121,7 +169,9 @@ def stage_config(qc: Any, stage: str, out: Path, sft_dir: str, data: AlignData, 
     optim = {"lr": _hp(qc, 'align_lr'), "warmup_steps": max(1, steps // 10), "schedule": "cosine", "min_lr_ratio": 0.1}
     raw: dict[str, Any] = {"model": {"path": sft_dir}, "optim": optim, "training": training}
     max_len = train_len(qc)
-    if stage in ("rm", "dpo", "orpo", "simpo"):
+    if stage == "rm":
+        raw["data"] = {"train": [data.rm_pairs], "max_len": max_len}
+    elif stage in ("dpo", "orpo", "simpo"):
         raw["data"] = {"train": [data.pairs], "max_len": max_len}
     elif stage == "kto":
         raw["data"] = {"train": [data.kto], "max_len": max_len}
@@ -187,11 +237,12 @@ def run_alignment(qc: Any, out: Path, sft_dir: str, tok_dir: str, sft_accuracy: 
     out = Path(out)
     t0 = time.perf_counter()
     if need_pairs:
-        on_event(f"align: sampling {qc.align_samples} answers to {qc.align_problems} training problems "
+        on_event(f"align: greedy + {qc.align_samples} sampled answers to {qc.pref_problems} training problems "
                  "(preference and KTO data)")
         data = build_preference_data(qc, out, sft_dir)
-        note = (f"{data.n_pairs} pairs ({data.gold_chosen} problems with the reference solution as chosen), "
-                f"{data.n_kto} KTO examples; {100 * data.sample_accuracy:.0f}% of samples correct")
+        note = (f"greedy {100 * data.greedy_accuracy:.0f}% correct, samples {100 * data.sample_accuracy:.0f}%; "
+                f"{data.n_pairs} pairs against wrong greedy answers ({data.gold_chosen} with the reference "
+                f"solution as chosen), {data.n_rm_pairs} RM pairs, {data.n_kto} KTO examples")
         rows.append(Row("align data (SFT samples)", wall_s=time.perf_counter() - t0, note=note))
         logger.info("align data: %s", note)
     else:
@@ -204,8 +255,9 @@ def run_alignment(qc: Any, out: Path, sft_dir: str, tok_dir: str, sft_accuracy: 
             logger.warning("align: stage %r is not available in this build; skipped", stage)
             rows.append(Row(stage, note="not available (skipped)"))
             continue
-        if stage in ("rm", "dpo", "kto", "orpo", "simpo") and (data.n_pairs == 0 if stage != "kto" else data.n_kto == 0):
-            rows.append(Row(stage, note="no preference data (every sample right or every sample wrong): skipped"))
+        n_data = {"rm": data.n_rm_pairs, "kto": data.n_kto}.get(stage, data.n_pairs)
+        if stage in ("rm", "dpo", "kto", "orpo", "simpo") and n_data == 0:
+            rows.append(Row(stage, note="no preference data (no wrong greedy answer, or no right-vs-wrong samples): skipped"))
             continue
         if stage == "ppo" and rm_dir is None:
             rows.append(Row(stage, note="needs the reward model, which was not trained: skipped"))
