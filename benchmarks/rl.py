@@ -6,6 +6,7 @@ lmstack engine versus through HF transformers `generate` (what TRL does without 
                                        # the HF column times generation only (the rest is the same code)
     python benchmarks/rl.py --stop-ids 2000   # variable completion lengths (see below)
     python benchmarks/rl.py --gen-only --stages grpo --prompts 2 --prompt-len 384 --max-tokens 16  # long prompts
+    python benchmarks/rl.py --rollout-dtype bf16   # bf16 rollouts from the fp32 policy (CPUs with native bf16)
 
 Both columns run the same stage code (lmstack/train/algos/grpo.py, ppo.py); only the rollout backend
 differs. The HF model is built over the SAME parameter tensors as the policy (load_state_dict with
@@ -14,6 +15,12 @@ reward / old log-probs (+ values) / training (forward + backward + AdamW step). 
 token ids (the vocabulary is SmolLM2's 49152); the reward of a completion is a cheap Python function
 of its token ids (GRPO: share of even ids; PPO: a random-weight reward model of the same shape).
 Target: the generation phase >= 3x faster with the lmstack engine.
+
+Precision: the policy trains in fp32. `--rollout-dtype fp32` (default) generates in fp32 in both
+columns. `--rollout-dtype bf16` is what mixed-precision training does: the engine runs its linears on
+packed bf16 roundings of the live fp32 weights (`LLM.from_model(policy, dtype="bfloat16")`, set by
+`algo.engine_args`), and HF generate runs under `torch.autocast(bf16)`, as TRL's generate does under
+Accelerate's bf16 mixed precision.
 
 Random weights never say EOS, so by default every completion runs to max_tokens (equal work, the
 worst case for continuous batching). Real RL completions end at very different lengths; `--stop-ids
@@ -71,8 +78,10 @@ class HFRollout:
 
     name = "HF generate"
 
-    def __init__(self, model: torch.nn.Module, cfg: ModelConfig) -> None:
+    def __init__(self, model: torch.nn.Module, cfg: ModelConfig, autocast_bf16: bool = False) -> None:
         import transformers as tf
+
+        self.autocast_bf16 = autocast_bf16
 
         hcfg = tf.LlamaConfig(**{k: v for k, v in cfg.to_hf().items() if k not in ("architectures", "torch_dtype")})
         hcfg._attn_implementation = "sdpa"
@@ -103,9 +112,10 @@ class HFRollout:
             torch.manual_seed(seeds[0] % 2**63)
         was = model.training
         model.eval()
-        out = self.hf.generate(input_ids=ids, attention_mask=att, do_sample=temperature > 0, temperature=temperature,
-                               top_p=top_p, top_k=top_k, num_return_sequences=n, max_new_tokens=max_tokens,
-                               pad_token_id=pad, eos_token_id=self.eos)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast_bf16):
+            out = self.hf.generate(input_ids=ids, attention_mask=att, do_sample=temperature > 0,
+                                   temperature=temperature, top_p=top_p, top_k=top_k, num_return_sequences=n,
+                                   max_new_tokens=max_tokens, pad_token_id=pad, eos_token_id=self.eos)
         model.train(was)
         res = []
         for i in range(len(prompts)):
@@ -125,7 +135,8 @@ def build_stage(kind: str, model: torch.nn.Module, cfg: ModelConfig, a: argparse
     from lmstack.train.config import load_config
 
     prompts = a.prompts if kind == "grpo" else a.ppo_prompts
-    algo = {"max_tokens": a.max_tokens, "max_prompt_len": a.prompt_len, "logp_rows": 8}
+    algo = {"max_tokens": a.max_tokens, "max_prompt_len": a.prompt_len, "logp_rows": 8,
+            "engine_args": {"dtype": "bfloat16" if a.rollout_dtype == "bf16" else "auto"}}
     if kind == "grpo":
         algo.update(num_generations=a.G, beta=0.04)
     else:
@@ -153,7 +164,7 @@ def one_step(kind: str, backend_name: str, model, cfg: ModelConfig, a: argparse.
     if backend_name == "lmstack":
         inner = stage.backend
     else:
-        inner = HFRollout(model, cfg)
+        inner = HFRollout(model, cfg, autocast_bf16=a.rollout_dtype == "bf16")
         inner.eos += stops
     stage.backend = IdsAsText(inner)
     g = torch.Generator().manual_seed(0)
@@ -198,6 +209,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--stages", default="grpo,ppo")
     ap.add_argument("--gen-only", action="store_true", help="time only the generation phase in both columns")
+    ap.add_argument("--rollout-dtype", choices=("fp32", "bf16"), default="fp32",
+                    help="generation precision in both columns (the policy trains in fp32; see above)")
     ap.add_argument("--stop-ids", type=int, default=0, help="token ids 1..N also end a completion (variable lengths)")
     a = ap.parse_args()
     sizes = dict(prompts=(8, 4), G=(8, 4), ppo_prompts=(32, 16), prompt_len=(64, 32), max_tokens=(128, 32))
@@ -211,7 +224,7 @@ def main() -> int:
     if a.layers:
         cfg = cfg.replace(num_layers=a.layers)
     print(f"policy: random SmolLM2-135M shape ({cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab "
-          f"{cfg.vocab_size}), fp32, {a.threads} threads; prompts {a.prompt_len} tokens, up to {a.max_tokens} new")
+          f"{cfg.vocab_size}), fp32, rollouts in {a.rollout_dtype}, {a.threads} threads; prompts {a.prompt_len} tokens, up to {a.max_tokens} new")
 
     rm = None
     results: dict[tuple[str, str], dict[str, float]] = {}

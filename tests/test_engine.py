@@ -345,6 +345,60 @@ def test_bf16_engine_with_packed_weights_matches_plain_engine(model_dir, prompts
     assert tokens(fast, prompts) == after
 
 
+def test_bf16_linears_over_an_fp32_policy(model_dir, prompts, monkeypatch):
+    """LLM.from_model(fp32 module, dtype="bfloat16"): fast rollouts from an fp32 policy. The linears run
+    on packed bf16 roundings of the live fp32 weights (fp32 bias added after), K/V and attention in
+    bf16, everything else in fp32. Reference: an engine (same bf16 K/V) whose linears round x and W to
+    bf16 through aten's F.linear instead of the fused, packed oneDNN path. The weights
+    themselves stay fp32, and an in-place update (an optimizer step) is followed."""
+    import torch.nn.functional as F
+
+    import lmstack.engine.model_runner as runner_mod
+    import lmstack.model.layers as layers
+    from lmstack.model.layers import bf16_packing_supported
+
+    if not bf16_packing_supported():
+        pytest.skip("oneDNN bf16 is not supported on this CPU")
+    def with_biases(m):  # the checkpoint's q/k/v biases are zeros: make the fp32 bias path matter
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if name.endswith(".bias"):
+                    p.copy_(0.5 * torch.randn(p.shape, generator=g))
+        return m
+
+    fast_model = with_biases(load_model(model_dir, dtype=torch.float32))
+    fast = LLM.from_model(fast_model, dtype="bfloat16")
+    with pytest.raises(ValueError, match="float16.*never converts the weights"):
+        LLM.from_model(load_model(model_dir, dtype=torch.float32), dtype="float16")
+
+    monkeypatch.setattr(runner_mod, "fuse_projections", lambda m: 0)
+    monkeypatch.setattr(runner_mod, "pack_weights", lambda m, from_fp32=False: 0)
+    monkeypatch.setattr(layers, "linear", lambda x, w, b: F.linear(x.bfloat16(), w.bfloat16()).float()
+                        + (0 if b is None else b))
+    ref_model = with_biases(load_model(model_dir, dtype=torch.float32))
+    ref = LLM.from_model(ref_model, dtype="bfloat16")
+
+    def tokens(llm, ps):
+        return [o.outputs[0].token_ids for o in llm.generate(ps, GREEDY)]
+
+    before = tokens(ref, prompts)
+    assert tokens(fast, prompts) == before
+    qkv = fast_model.model.layers[0].self_attn._fused_qkv
+    assert qkv.packed.from_fp32 and qkv.packed._packed.dtype == torch.bfloat16
+    assert fast_model.dtype == torch.float32 and fast.runner.k_cache[0].dtype == torch.bfloat16
+    for m in (fast_model, ref_model):
+        with torch.no_grad():
+            for layer in m.model.layers:
+                layer.mlp.up_proj.weight.mul_(-1)
+                layer.self_attn.q_proj.bias.mul_(3)
+    for llm in (fast, ref):
+        llm.block_manager.reset_prefix_cache()
+    after = tokens(ref, prompts)
+    assert after != before
+    assert tokens(fast, prompts) == after
+
+
 def test_decode_groups_partition_by_length():
     """Decodes attend in groups whose lengths are within 2x of the group's longest; tiny groups merge."""
     from lmstack.engine.model_runner import group_by_length

@@ -49,6 +49,24 @@ def default_cpu_dtype() -> torch.dtype:
     return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
 
 
+def _module_compute(model: torch.nn.Module, dtype: str) -> bool:
+    """How an engine over a live module computes: in the module's own dtype ("auto" or that dtype), or,
+    for an fp32 module and dtype "bfloat16", with bf16 linears over packed bf16 roundings of the fp32
+    weights (fast rollouts from an fp32 policy, as vLLM serves bf16 weights next to fp32 training).
+    Returns whether the linears run in bf16."""
+    if dtype == "auto":
+        return False
+    from lmstack.model.loading import resolve_dtype
+
+    want = resolve_dtype(dtype)
+    if want == model.dtype:
+        return False
+    if want == torch.bfloat16 and model.dtype == torch.float32:
+        return True
+    raise ValueError(f"dtype={dtype!r}: an engine over a live module runs in the module's dtype ({model.dtype}), "
+                     "or with bfloat16 linears over a float32 module; it never converts the weights")
+
+
 class LLM:
     def __init__(self, model: str | Path | torch.nn.Module, dtype: str = "auto", tokenizer: Any = None,
                  block_size: int = 16, kv_cache_memory: int | None = None, num_kv_blocks: int | None = None,
@@ -56,6 +74,7 @@ class LLM:
                  enable_chunked_prefill: bool = True, max_model_len: int | None = None, seed: int = 0) -> None:
         keep_freed_memory()  # reuse freed heap across steps instead of page-faulting every large tensor anew
         extra_eos: list[int] = []
+        bf16_linears = False
         if isinstance(model, (str, Path)):
             from lmstack.model.loading import load_model, resolve_dtype
 
@@ -79,6 +98,7 @@ class LLM:
                 extra_eos = [eos] if isinstance(eos, int) else list(eos or [])
         elif isinstance(model, torch.nn.Module):
             self.model = model  # live weights (RL rollouts): no copy, no dtype change
+            bf16_linears = _module_compute(model, dtype)
         else:
             raise TypeError(f"model must be a model directory or a Transformer module, got {type(model).__name__}")
         if isinstance(tokenizer, (str, Path)):
@@ -97,7 +117,9 @@ class LLM:
                              f"{cfg.max_position_embeddings}")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
-        per_block = kv_bytes_per_block(self.model, block_size, self.model.dtype)
+        # bf16 linears over an fp32 module keep K/V in bf16 too: decode attention is bound by K/V bytes
+        kv_dtype = torch.bfloat16 if bf16_linears else self.model.dtype
+        per_block = kv_bytes_per_block(self.model, block_size, kv_dtype)
         if num_kv_blocks is None:
             mem = kv_cache_memory if kv_cache_memory is not None else DEFAULT_KV_CACHE_MEMORY
             num_kv_blocks = mem // per_block
@@ -108,7 +130,7 @@ class LLM:
         self.block_size = block_size
         self.block_manager = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
-        self.runner = ModelRunner(self.model, num_kv_blocks, block_size)
+        self.runner = ModelRunner(self.model, num_kv_blocks, block_size, kv_dtype, bf16_linears)
         self.sampler = Sampler()
         self._rng = random.Random(seed)
         self._requests: dict[str, Request] = {}

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from lmstack.model.attention import attention
-from lmstack.model.layers import fuse_projections, pack_weights
+from lmstack.model.layers import bf16_packing_supported, fuse_projections, pack_weights
 from lmstack.model.transformer import Transformer
 
 
@@ -109,6 +109,8 @@ class PagedMeta:
         kb.view(flat).index_copy_(0, self.slot_mapping, k[0].to(kb.dtype))
         vb.view(flat).index_copy_(0, self.slot_mapping, v[0].to(vb.dtype))
         out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
+        # attention runs in the pool's dtype (bf16 K/V under an fp32 forward with bf16 linears)
+        q, k, v = q.to(kb.dtype), k.to(kb.dtype), v.to(kb.dtype)
         nd = self.num_decodes
         for gi, g in enumerate(self.dec_groups):
             qg = q[0, :nd] if g.rows is None else q[0, g.rows]
@@ -120,7 +122,7 @@ class PagedMeta:
             if g.rows is None:
                 out[:nd] = od.reshape(S, H, D)
             else:
-                out[g.rows] = od.reshape(S, H, D)
+                out[g.rows] = od.reshape(S, H, D).to(out.dtype)
         for start, n, n_before, ctx_blocks in self.prefills:
             qs = q[:, start:start + n].transpose(1, 2)  # (1, H, n, D)
             if ctx_blocks is None:  # the chunk is the whole context
@@ -136,11 +138,20 @@ class PagedMeta:
 
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int,
-                 kv_dtype: torch.dtype | None = None) -> None:
+                 kv_dtype: torch.dtype | None = None, bf16_linears: bool = False) -> None:
+        """bf16_linears: an fp32 model's linear layers run in bf16 (packed bf16 roundings of the live
+        fp32 weights); pass kv_dtype=bf16 with it to also keep K/V (and run attention) in bf16. The
+        rest of the forward stays fp32."""
         self.model = model
         fuse_projections(model)  # q/k/v and gate/up as one matmul each while decoding (same Parameters)
         if model.dtype == torch.bfloat16 and model.device.type == "cpu":
             pack_weights(model)  # oneDNN-blocked bf16 copies: decode streams them ~1.7x faster
+        elif bf16_linears:
+            if not (bf16_packing_supported() and model.device.type == "cpu" and model.dtype == torch.float32):
+                raise ValueError("bf16 linears over an fp32 model need oneDNN's native bf16 path (a CPU with "
+                                 f"AVX512-BF16 / AMX) and an fp32 model on CPU (this one: {model.dtype} on "
+                                 f"{model.device.type}); run the engine in the model's dtype")
+            pack_weights(model, from_fp32=True)
         cfg = model.config
         self.block_size = block_size
         self.num_blocks = num_blocks
@@ -222,7 +233,7 @@ class ModelRunner:
         tokens = torch.tensor(flat_tokens, dtype=torch.long, device=self.device)[None]
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)[None]
         meta = PagedMeta(self.k_cache, self.v_cache, torch.cat(slot_list).to(self.device), nd, dec_groups,
-                         prefills, self.model.dtype)
+                         prefills, self.kv_dtype)
         hidden = self.model(tokens, pos, meta=meta)  # (1, T, D)
         rows = [last_index[i] for i in range(len(token_ids)) if sample_mask[i]]
         if not rows:

@@ -65,7 +65,10 @@ class PackedWeight:
 
     HINT = 1024  # batch-size hint for the blocked layout (see above)
 
-    def __init__(self) -> None:
+    def __init__(self, from_fp32: bool = False) -> None:
+        # from_fp32: also serve fp32 weights, packing a bf16 rounding of them (bf16 rollouts from an
+        # fp32 policy: the linears run in bf16, everything else stays fp32; see `_project`)
+        self.from_fp32 = from_fp32
         self._key: tuple | None = None
         self._packed: torch.Tensor | None = None
 
@@ -76,17 +79,25 @@ class PackedWeight:
                sources: tuple[torch.Tensor, ...]) -> torch.Tensor:
         key = tuple((t.data_ptr(), t._version) for t in sources)
         if key != self._key:
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), self.HINT)
+            self._packed = None  # free the old copy before building the new one
+            w = weight.detach().to(torch.bfloat16)  # no copy when already bf16
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(w, self.HINT)
             self._key = key
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, bias, "none", [], "")
 
 
 def _project(packed: PackedWeight | None, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
              sources: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """x W^T + b through the packed copy for bf16 CPU inference, else through `linear`."""
-    if (packed is not None and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
-            and x.device.type == "cpu" and not torch.is_grad_enabled() and x.numel() > 0):
-        return packed.linear(x, weight, bias, sources)
+    """x W^T + b through the packed copy for bf16 CPU inference, else through `linear`.
+
+    A `from_fp32` copy also serves fp32 inputs and weights: x is rounded to bf16, multiplied in bf16
+    with fp32 accumulation, and the result (plus the fp32 bias) comes back in fp32."""
+    if packed is not None and x.device.type == "cpu" and not torch.is_grad_enabled() and x.numel() > 0:
+        if x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16:
+            return packed.linear(x, weight, bias, sources)
+        if packed.from_fp32 and x.dtype == torch.float32 and weight.dtype == torch.float32:
+            y = packed.linear(x.to(torch.bfloat16), weight, None, sources).float()
+            return y if bias is None else y.add_(bias)
     return linear(x, weight, bias)
 
 
@@ -180,16 +191,17 @@ def _projections(model: nn.Module):
                 yield getattr(mod, attr)
 
 
-def pack_weights(model: nn.Module) -> int:
+def pack_weights(model: nn.Module, from_fp32: bool = False) -> int:
     """Give every Linear and FusedLinears a PackedWeight (used for bf16 CPU inference; packing itself
-    happens lazily on the first such call). Returns how many were given one; 0 where oneDNN's bf16
-    path is unavailable."""
+    happens lazily on the first such call). `from_fp32`: an fp32 model's linears then also run in bf16
+    at inference (see `_project`). Returns how many were given one; 0 where oneDNN's bf16 path is
+    unavailable."""
     if not bf16_packing_supported():
         return 0
     n = 0
     for p in _projections(model):
-        if p.packed is None:
-            p.packed = PackedWeight()
+        if p.packed is None or p.packed.from_fp32 != from_fp32:
+            p.packed = PackedWeight(from_fp32)
             n += 1
     return n
 

@@ -61,7 +61,7 @@ class PPOOptions:
     ppo_epochs: int = 4
     num_minibatches: int = 1
     logp_rows: int = 16
-    engine_args: dict[str, Any] = field(default_factory=dict)
+    engine_args: dict[str, Any] = field(default_factory=dict)  # as GRPO's ({"dtype": "bfloat16"}: bf16 rollouts)
 
     def __post_init__(self) -> None:
         for k in ("num_generations", "max_tokens", "ppo_epochs", "num_minibatches", "logp_rows", "max_prompt_len"):
