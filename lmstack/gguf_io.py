@@ -406,21 +406,12 @@ def _config_from_gguf(reader, path: Path, names: set[str]) -> ModelConfig:
     )
 
 
-def _write_tokenizer(reader, path: Path, out_dir: Path) -> None:
-    """tokenizer.ggml.* -> tokenizer.json + tokenizer_config.json (byte-level BPE)."""
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+def _byte_level_bpe(reader, path: Path, tokens: list[str]):
+    """llama.cpp's 'gpt2' tokenizer: byte-level BPE with explicit merges and a split regex."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTok
 
-    gguf = _gguf()
-    kind = _field(reader, "tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise GGUFError(f"{path}: GGUF tokenizer model {kind!r} is not supported (only 'gpt2' byte-level BPE); "
-                        "load the weights with load_gguf(..., with_tokenizer=False) and pass a tokenizer folder")
-    tokens = _field(reader, "tokenizer.ggml.tokens")
-    types = _field(reader, "tokenizer.ggml.token_type") or [int(gguf.TokenType.NORMAL)] * len(tokens)
     merges = _field(reader, "tokenizer.ggml.merges") or []
-    # UNUSED: vocabulary padding rows ([PAD300] ...) -- special, so decoding skips them like the HF folder does
-    special = {int(gguf.TokenType.CONTROL), int(gguf.TokenType.USER_DEFINED), int(gguf.TokenType.UNUSED)}
     # HF keeps added tokens in the model vocab too, so each keeps its GGUF id
     vocab = {t: i for i, t in enumerate(tokens)}
     tok = HFTok(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False))
@@ -434,6 +425,60 @@ def _write_tokenizer(reader, path: Path, out_dir: Path) -> None:
             logger.warning("%s: pre-tokenizer %r is not known to lmstack; using GPT-2's split", path, pre)
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _sentencepiece_bpe(reader, path: Path, tokens: list[str], types: list[int]):
+    """llama.cpp's 'llama' tokenizer (SentencePiece BPE: Llama 1/2, Mistral, TinyLlama ...) as a
+    `tokenizers` BPE that segments text the same way.
+
+    llama.cpp starts from the UTF-8 characters of the text (spaces written as U+2581, one prepended
+    when add_space_prefix) and repeatedly joins the adjacent pair whose concatenation is a vocabulary
+    token with the highest score (leftmost on ties); characters it never joins into a token become
+    <0xNN> byte tokens. A BPE whose merge list holds every split (a, b) of every normal token, ranked
+    by that token's score, takes the same steps; byte_fallback gives the byte tokens."""
+    from tokenizers import decoders, models, normalizers
+    from tokenizers import Tokenizer as HFTok
+
+    gguf = _gguf()
+    scores = _field(reader, "tokenizer.ggml.scores")
+    if scores is None or len(scores) != len(tokens):
+        raise GGUFError(f"{path}: a 'llama' (SentencePiece) tokenizer needs tokenizer.ggml.scores for each of its "
+                        f"{len(tokens)} tokens; found {None if scores is None else len(scores)}")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    mergeable = (int(gguf.TokenType.NORMAL), int(gguf.TokenType.USER_DEFINED))
+    ranked = []
+    for i, (t, ty) in enumerate(zip(tokens, types)):
+        if int(ty) in mergeable:
+            ranked += [(-float(scores[i]), i, t[:k], t[k:]) for k in range(1, len(t)) if t[:k] in vocab and t[k:] in vocab]
+    ranked.sort()
+    unk_id = next((i for i, ty in enumerate(types) if int(ty) == int(gguf.TokenType.UNKNOWN)), None)
+    tok = HFTok(models.BPE(vocab=vocab, merges=[(a, b) for _, _, a, b in ranked], byte_fallback=True,
+                           unk_token=None if unk_id is None else tokens[unk_id], fuse_unk=True))
+    prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", True))
+    steps = [normalizers.Prepend("\u2581")] if prefix else []
+    tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "\u2581")])
+    dec = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(dec + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    return tok
+
+
+def _write_tokenizer(reader, path: Path, out_dir: Path) -> None:
+    """tokenizer.ggml.* -> tokenizer.json + tokenizer_config.json (byte-level or SentencePiece BPE)."""
+    from tokenizers import AddedToken, processors
+
+    gguf = _gguf()
+    kind = _field(reader, "tokenizer.ggml.model")
+    if kind not in ("gpt2", "llama"):
+        raise GGUFError(f"{path}: GGUF tokenizer model {kind!r} is not supported (only 'gpt2' byte-level BPE and "
+                        "'llama' SentencePiece BPE); load the weights with load_gguf(..., with_tokenizer=False) "
+                        "and pass a tokenizer folder")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    types = _field(reader, "tokenizer.ggml.token_type") or [int(gguf.TokenType.NORMAL)] * len(tokens)
+    tok = _byte_level_bpe(reader, path, tokens) if kind == "gpt2" else _sentencepiece_bpe(reader, path, tokens, types)
+    # UNUSED: vocabulary padding rows ([PAD300] ...) -- special, so decoding skips them like the HF folder does
+    special = {int(gguf.TokenType.CONTROL), int(gguf.TokenType.USER_DEFINED), int(gguf.TokenType.UNUSED),
+               int(gguf.TokenType.UNKNOWN)}
     added = []
     for i, t in enumerate(tokens):
         ty = int(types[i])
@@ -455,11 +500,12 @@ def _write_tokenizer(reader, path: Path, out_dir: Path) -> None:
 
     bos, eos, pad = name("tokenizer.ggml.bos_token_id"), name("tokenizer.ggml.eos_token_id"), name(
         "tokenizer.ggml.padding_token_id")
-    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", False)) and bos is not None
+    # llama.cpp's default: SentencePiece vocabularies add BOS, byte-level ones do not
+    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", kind == "llama")) and bos is not None
     if add_bos:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, tokens.index(bos))])
-    else:
+    elif kind == "gpt2":
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok.save(str(out_dir / "tokenizer.json"))

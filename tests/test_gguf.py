@@ -347,3 +347,102 @@ def test_export_refuses_rope_scaling_gguf_cannot_carry(tmp_path):
     with pytest.raises(GGUFError, match="rope_scaling .*yarn.* is not supported by the GGUF exporter"):
         export_gguf(tmp_path / "m", tmp_path / "m.gguf", "f16")
     assert not (tmp_path / "m.gguf").exists()
+
+
+# ------------------------------------------------------------------------- SentencePiece vocabularies
+def _spm_vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
+    """A Llama-2-style SentencePiece BPE vocabulary: <unk> <s> </s>, the 256 <0xNN> byte tokens, then
+    pieces with U+2581 for spaces (from a BPE trained here on the test corpus) with scores, then
+    unused padding up to n_vocab."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from tests.tok_fixtures import CORPUS
+
+    T = gguf.TokenType
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    budget = n_vocab - 3 - 256 - 8
+    tok.train_from_iterator(CORPUS * 4, trainer=trainers.BpeTrainer(vocab_size=budget, show_progress=False))
+    model = json.loads(tok.to_str())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    merged = ["".join(m.split(" ")) for m in merges]
+    chars = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1]) if t not in set(merged)]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    scores = [0.0] * len(tokens)
+    types = [int(T.UNKNOWN), int(T.CONTROL), int(T.CONTROL)] + [int(T.BYTE)] * 256
+    pieces = list(dict.fromkeys(chars + merged))
+    # scores in a shuffled order, not the trainer's merge order: which pair is joined first then
+    # changes the segmentation, so a wrong ranking cannot go unnoticed
+    order = list(merged)
+    np.random.default_rng(0).shuffle(order)
+    rank = {t: r for r, t in enumerate(order)}
+    for p in pieces:
+        tokens.append(p)
+        scores.append(-float(rank.get(p, len(merged) + pieces.index(p))))
+        types.append(int(T.NORMAL))
+    while len(tokens) < n_vocab:
+        tokens.append(f"[PAD{len(tokens)}]")
+        scores.append(-1e9)
+        types.append(int(T.UNUSED))
+    return tokens, scores, types
+
+
+def _with_spm_tokenizer(src, dst, n_vocab: int):
+    """Copy GGUF file src to dst with its tokenizer replaced by a SentencePiece ('llama') one."""
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), "llama")
+    for field in r.fields.values():
+        if field.name.startswith("llama.") and field.types:
+            sub = field.types[-1] if len(field.types) > 1 else None
+            w.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
+    tokens, scores, types = _spm_vocab(n_vocab)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.asarray(t.data).reshape(tuple(reversed([int(x) for x in t.shape]))),
+                     raw_dtype=gguf.GGMLQuantizationType(t.tensor_type))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+SPM_TEXTS = ["Hello world", "the quick brown fox jumps over the lazy dog", "  two leading spaces", "tab\tand\nnewline",
+             "数字 123 + 456 = 579", "émoji 🙂 and ümlauts", "trailing space ", "a", "x  y   z", "The THE tHe thE"]
+
+
+def test_sentencepiece_gguf_tokenizer_matches_llama_cpp(tmp_path_factory, tmp_path):
+    """A GGUF file with llama.cpp's 'llama' (SentencePiece BPE) tokenizer - the vocabulary of Llama 2,
+    Mistral, TinyLlama GGUFs - tokenizes and detokenizes like llama.cpp itself, byte fallback included,
+    and `LLM("x.gguf")` runs text prompts through it."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from lmstack import LLM, SamplingParams
+    from lmstack.tokenizer import Tokenizer
+    from tests.fixtures import make_tiny_hf
+    from tests.tok_fixtures import CORPUS, build_test_tokenizer
+
+    d = tmp_path_factory.mktemp("spm")
+    make_tiny_hf("llama", d, vocab_size=512, num_attention_heads=2, num_key_value_heads=1)
+    build_test_tokenizer(d, "chatml", vocab_size=300)
+    f = _with_spm_tokenizer(export_gguf(d, tmp_path / "bpe.gguf", "f32"), tmp_path / "spm.gguf", 512)
+    _, _, tok_dir = load_gguf(f)
+    ours = Tokenizer.from_dir(tok_dir)
+    ref = llama_cpp.Llama(model_path=str(f), vocab_only=True, verbose=False)
+    for text in SPM_TEXTS + CORPUS:
+        ids = ref.tokenize(text.encode(), add_bos=True, special=False)
+        assert ours.encode(text) == ids, text
+        assert ours.decode(ids, skip_special_tokens=True) == text == ref.detokenize(ids).decode()
+    assert any(ours.backend.id_to_token(i).startswith("<0x") for i in ours.encode("数字 🙂"))  # byte fallback used
+    assert any(len(ours.backend.id_to_token(i)) > 3 for i in ours.encode("the quick brown fox"))  # merges used
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    out = LLM(str(f), dtype="float32").generate(["Hello world"], params)[0]
+    assert out.prompt_token_ids == ref.tokenize(b"Hello world", add_bos=True) and len(out.outputs[0].token_ids) == 4
