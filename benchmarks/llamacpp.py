@@ -2,8 +2,10 @@
 
 A random-weight model with Qwen2.5-0.5B's shape (../shared/bench_models/qwen2.5-0.5b/config.json)
 is exported to GGUF (BF16, Q8_0, Q4_0) and run by llama-cpp-python; lmstack runs the same weights
-as bf16 (or fp32 compute where the CPU lacks native bf16), int8 and int4 (weight-only, aten's
-packed CPU kernels with bf16 activations; every linear including the LM head, as in the GGUF). Two numbers per pair:
+as bf16 (or fp32 compute where the CPU lacks native bf16), int8 and int4 (every linear including the
+LM head, as in the GGUF; int8: oneDNN's int8 x int8 product with activations quantized per row, as
+llama.cpp's Q8_0 quantizes them per block; int4: aten's weight-only kernel with bf16 activations).
+Two numbers per pair:
   - single-stream decode tok/s (one request, greedy, prompt excluded);
   - total tok/s for 16 concurrent requests (lmstack: continuous batching in one engine;
     llama-cpp-python's Llama serves one sequence at a time, so its 16 requests run back to back).

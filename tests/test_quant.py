@@ -146,7 +146,7 @@ def test_quantlinear_equals_dequantized_matmul(method):
     assert torch.equal(m.dequantize(), w)
     with torch.no_grad():
         if method != "nf4":
-            # default: fp32 activations go through the kernels as bf16 (fast): close, not exact
+            # default: fp32 activations go through the kernels as bf16 / int8 (fast): close, not exact
             y_fast = m(x)
             ref = F.linear(x, w, lin.bias)
             assert y_fast.dtype == x.dtype and (y_fast - ref).abs().max() < 0.02 * ref.abs().max()
@@ -161,6 +161,33 @@ def test_quantlinear_equals_dequantized_matmul(method):
     if method != "nf4":  # bf16 activations through the same kernels
         yb = m(x.bfloat16()).float()
         assert torch.allclose(yb, ref, atol=0.1, rtol=0.05)
+
+
+def test_int8_w8a8_quantizes_each_row_on_its_own():
+    """Int8Linear's default CPU mode where oneDNN has it: W8A8. Each activation row is rounded to int8
+    with its own scale max|x_i| / 127 and multiplied exactly with the int8 codes, so the result equals
+    (the row's int8 rounding) @ (dequantized W)^T + b, and does not depend on the other rows."""
+    from lmstack.model.quant import int8_activations_supported
+
+    if not int8_activations_supported():
+        pytest.skip("oneDNN's quantized linear is not in this PyTorch build")
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 96, bias=True)
+    m = Int8Linear.from_linear(lin)
+    assert m.act_dtype == torch.int8
+    x = torch.randn(7, 256) * torch.linspace(0.01, 30, 7)[:, None]  # rows of very different scales
+    x[3, 5] = 200.0  # an outlier only affects its own row
+    with torch.no_grad():
+        y = m(x)
+        s = x.abs().amax(-1, keepdim=True) / 127
+        ref = F.linear(torch.round(x / s) * s, m.dequantize(), lin.bias)
+        assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max()), (y - ref).abs().max()
+        for i in range(7):
+            assert torch.equal(m(x[i:i + 1]), y[i:i + 1])
+        yb = m(x.bfloat16())
+    assert yb.dtype == torch.bfloat16 and torch.allclose(yb.float(), ref, rtol=0.02, atol=0.02 * ref.abs().max())
+    with pytest.raises(ValueError, match="float16"):
+        set_kernel_activation_dtype(m, torch.float16)
 
 
 def test_nf4_autograd_through_input_with_frozen_base():
