@@ -372,3 +372,32 @@ def test_quantize_cli(tiny_llama, tmp_path, capsys):
     assert main(["quantize", "--model", str(src), "--method", "awq", "--out", str(tmp_path / "y"),
                  "--calib", str(calib), "--group-size", "32"]) == 2
     assert "too short" in capsys.readouterr().err
+
+
+def test_engine_fuses_int8_projections_exactly(tiny_llama, tmp_path):
+    """The engine runs an int8 model's q/k/v and gate/up as one W8A8 product each (quant.FusedInt8).
+    Integer sums are exact and each output keeps its own channel scale, so the fused engine's greedy
+    tokens equal the reference generate's on the same (unfused) int8 model; the members' buffers become
+    slices of the fused ones and the model still saves (safetensors refuses shared memory) and reloads."""
+    from lmstack.engine.llm import LLM
+    from lmstack.engine.sampling_params import SamplingParams
+    from lmstack.generate import generate
+    from lmstack.model.loading import load_model
+    from lmstack.model.quant import FusedInt8, int8_activations_supported
+
+    if not int8_activations_supported():
+        pytest.skip("oneDNN's quantized linear is not in this PyTorch build")
+    save_quantized(quantize_model(load_model(tiny_llama, dtype=torch.float32), "int8"), tmp_path / "q")
+    prompts = [[5, 17, 123, 42], [250, 7, 99, 3, 11, 64, 8], [9]]
+    ref = generate(load_model(tmp_path / "q", dtype=torch.float32), prompts, 10)
+    llm = LLM(str(tmp_path / "q"), dtype="float32", num_kv_blocks=16, block_size=4)
+    attn = llm.model.model.layers[0].self_attn
+    assert isinstance(attn._fused_qkv, FusedInt8) and attn._fused_qkv.active()
+    assert attn.q_proj.weight.data_ptr() == attn._fused_qkv.fused.weight.data_ptr()
+    outs = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+    assert [list(o.outputs[0].token_ids) for o in outs] == ref
+    save_quantized(llm.model, tmp_path / "again")
+    again = generate(load_model(tmp_path / "again", dtype=torch.float32), prompts, 10)
+    assert again == ref
+    set_kernel_activation_dtype(llm.model, torch.bfloat16)  # not W8A8: the separate modules again
+    assert not attn._fused_qkv.active()

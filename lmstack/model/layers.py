@@ -161,18 +161,22 @@ class FusedLinears:
 
 
 def fuse_projections(model: nn.Module) -> int:
-    """Fuse q/k/v of every attention layer and gate/up of every gated MLP (see FusedLinears).
+    """Fuse q/k/v of every attention layer and gate/up of every gated MLP (see FusedLinears; int8
+    members: quant.FusedInt8).
     Call after the model is on its final device and dtype. Returns how many groups were fused."""
+    from lmstack.model.quant import FusedInt8, Int8Linear  # int8 members fuse too (W8A8)
+
     n = 0
     for mod in model.modules():
         groups = getattr(mod, "FUSABLE", ())
         for attr, names in groups:
             members = [getattr(mod, x, None) for x in names]
-            if not all(type(m) is Linear for m in members):
+            kind = {type(m) for m in members}
+            if kind not in ({Linear}, {Int8Linear}):
                 continue
             if len({(m.weight.dtype, m.weight.device, m.in_features, m.bias is None) for m in members}) != 1:
                 continue
-            setattr(mod, attr, FusedLinears(mod, names))
+            setattr(mod, attr, (FusedLinears if kind == {Linear} else FusedInt8)(mod, names))
             n += 1
     return n
 
@@ -187,7 +191,7 @@ def _projections(model: nn.Module):
         if type(mod) is Linear:
             yield mod
         for attr, _ in getattr(mod, "FUSABLE", ()):
-            if getattr(mod, attr) is not None:
+            if isinstance(getattr(mod, attr), FusedLinears):
                 yield getattr(mod, attr)
 
 

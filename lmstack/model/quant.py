@@ -371,6 +371,45 @@ class Int8Linear(QuantLinear):
         return {"weight": self.weight, "weight_scale": self.weight_scale}
 
 
+class FusedInt8:
+    """Int8Linears that read the same input (q/k/v; gate/up) run as one W8A8 product at inference:
+    one activation quantization and one oneDNN call instead of three (two). At one decode row the
+    fixed cost of a call (quantizing the row, launching the kernel) is a sizeable part of its time.
+
+    The members keep their identity, but their buffers become slices of the fused ones, so nothing is
+    stored twice and in-place writes reach the fused weight (views share the version counter the
+    packed copy is keyed on). Used only while every member is still the module it was and all run
+    W8A8 (`set_kernel_activation_dtype` to bf16 or None switches back to the separate modules)."""
+
+    packed = None  # not a float projection: no bf16 PackedWeight (layers.pack_weights skips it)
+
+    def __init__(self, owner: nn.Module, names: tuple[str, ...]) -> None:
+        self.owner, self.names = owner, names
+        self.mods: list[Int8Linear] = [getattr(owner, n) for n in names]
+        has_bias = self.mods[0].bias is not None
+        self.fused = Int8Linear(torch.cat([m.weight for m in self.mods]), torch.cat([m.weight_scale for m in self.mods]),
+                                torch.cat([m.bias.detach() for m in self.mods]) if has_bias else None)
+        self.sizes = [m.out_features for m in self.mods]
+        start = 0
+        for m, n in zip(self.mods, self.sizes):
+            m._buffers["weight"] = self.fused.weight[start:start + n]
+            m._buffers["weight_scale"] = self.fused.weight_scale[start:start + n]
+            if has_bias:
+                m.bias.data = self.fused.bias.data[start:start + n]
+            start += n
+        self._ptrs = self._pointers()
+
+    def _pointers(self) -> list[int]:
+        return [m.weight.data_ptr() for m in self.mods]
+
+    def active(self) -> bool:
+        return (_ONEDNN_INT8 and all(getattr(self.owner, n) is m and m.act_dtype == torch.int8
+                                     for n, m in zip(self.names, self.mods)) and self._pointers() == self._ptrs)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.fused(x).split(self.sizes, dim=-1)
+
+
 def _int4_kernel_ok(out_features: int, group_size: int) -> bool:
     return out_features % 16 == 0 and group_size in _INT4_KERNEL_GROUPS and hasattr(
         torch.ops.aten, "_weight_int4pack_mm_for_cpu")
@@ -598,7 +637,9 @@ def save_quantized(model: nn.Module, out_dir: str | Path, skip: Iterable[str] = 
     d = cfg.replace(torch_dtype=dt).to_hf()
     d["quantization_config"] = quantization_config(method, getattr(model, "quant_group_size", 128), skip)
     (out / "config.json").write_text(json.dumps(d, indent=2) + "\n")
-    save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(out / "model.safetensors"),
+    from lmstack.model.loading import _standalone  # buffers may be slices of a fused one (FusedInt8)
+
+    save_file({k: _standalone(v.detach().cpu()) for k, v in sd.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
 
 
