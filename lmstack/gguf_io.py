@@ -175,7 +175,7 @@ def _tokenizer_kv(model_dir: Path, vocab_size: int) -> dict[str, Any]:
     model = tj.get("model", {})
     if model.get("type") != "BPE":
         raise GGUFError(f"{tj_path}: tokenizer model {model.get('type')!r} is not supported for GGUF export "
-                        "(only byte-level BPE, llama.cpp's 'gpt2' tokenizer)")
+                        "(only BPE: byte-level, llama.cpp's 'gpt2', or SentencePiece-style, its 'llama')")
     vocab: dict[str, int] = dict(model["vocab"])
     added = {t["id"]: t for t in tj.get("added_tokens", [])}
     for i, t in added.items():
@@ -183,17 +183,30 @@ def _tokenizer_kv(model_dir: Path, vocab_size: int) -> dict[str, Any]:
     n = max(vocab_size, max(vocab.values()) + 1)
     if n > vocab_size:
         raise GGUFError(f"{tj_path}: tokenizer has ids up to {n - 1} but the model's vocab_size is {vocab_size}")
+    spm = _sentencepiece_style(tj)
     tokens = [f"[PAD{i}]" for i in range(n)]
     types = [int(gguf.TokenType.UNUSED)] * n
     for tok, i in vocab.items():
         tokens[i] = tok
-        types[i] = int(gguf.TokenType.NORMAL)
+        types[i] = int(gguf.TokenType.BYTE if spm and _BYTE_TOKEN.fullmatch(tok) else gguf.TokenType.NORMAL)
+    if spm and model.get("unk_token") in vocab:
+        types[vocab[model["unk_token"]]] = int(gguf.TokenType.UNKNOWN)
     for i, t in added.items():
-        types[i] = int(gguf.TokenType.CONTROL if t.get("special") else gguf.TokenType.USER_DEFINED)
+        if types[i] != int(gguf.TokenType.UNKNOWN):
+            types[i] = int(gguf.TokenType.CONTROL if t.get("special") else gguf.TokenType.USER_DEFINED)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     if not merges:
         raise GGUFError(f"{tj_path}: the BPE tokenizer has no merges; llama.cpp refuses a 'gpt2' vocabulary "
                         "without tokenizer.ggml.merges")
+    scores = None
+    if spm:
+        # llama.cpp's SentencePiece tokenizer joins the adjacent pair whose concatenation scores highest:
+        # a token's score is minus the rank of the first merge that makes it (characters, which no merge
+        # makes, and unreachable pieces come after every merge)
+        made: dict[str, int] = {}
+        for r, m in enumerate(merges):
+            made.setdefault(m.replace(" ", ""), r)
+        scores = [-float(made.get(t, len(merges) + i)) for i, t in enumerate(tokens)]
     cfg = {}
     if (model_dir / "tokenizer_config.json").is_file():
         cfg = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
@@ -221,8 +234,31 @@ def _tokenizer_kv(model_dir: Path, vocab_size: int) -> dict[str, Any]:
         template = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
     if isinstance(template, list):  # named templates: llama.cpp takes the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    return {"tokens": tokens, "types": types, "merges": merges, "pre": _pre_name(tj), "bos": bos,
-            "eos": eos, "eot": eot, "pad": tid("pad_token"), "add_bos": add_bos, "template": template}
+    return {"tokens": tokens, "types": types, "merges": merges, "bos": bos, "eos": eos, "eot": eot,
+            "pad": tid("pad_token"), "add_bos": add_bos, "template": template, "scores": scores,
+            "unk": vocab.get(model.get("unk_token")) if spm else None,
+            "pre": None if spm else _pre_name(tj), "space_prefix": spm == "prefix"}
+
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
+
+
+def _sentencepiece_style(tj: dict) -> str | None:
+    """'prefix' / 'plain' for a SentencePiece-style BPE tokenizer.json (Llama 2, Mistral, TinyLlama:
+    byte fallback, spaces as U+2581, with or without a prepended one), None for byte-level BPE."""
+    if not tj.get("model", {}).get("byte_fallback"):
+        return None
+    pre = tj.get("pre_tokenizer") or {}
+    pres = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    meta = next((p for p in pres if p.get("type") == "Metaspace"), None)
+    if meta is not None:
+        return "plain" if meta.get("prepend_scheme", "always") == "never" or meta.get("add_prefix_space") is False \
+            else "prefix"
+    norm = tj.get("normalizer") or {}
+    norms = norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else [norm]
+    if any(x.get("type") == "Replace" and x.get("content") == "\u2581" for x in norms):
+        return "prefix" if any(x.get("type") == "Prepend" and x.get("prepend") == "\u2581" for x in norms) else "plain"
+    return None
 
 
 # ----------------------------------------------------------------------------------- export
@@ -290,11 +326,18 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, type: str = "f16") 
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
     # tokenizer
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(tok["pre"])
     w.add_token_list(tok["tokens"])
     w.add_token_types(tok["types"])
-    w.add_token_merges(tok["merges"])
+    if tok["scores"] is None:  # byte-level BPE
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(tok["pre"])
+        w.add_token_merges(tok["merges"])
+    else:  # SentencePiece BPE: scores rank the pairs, no merge list
+        w.add_tokenizer_model("llama")
+        w.add_token_scores(tok["scores"])
+        w.add_add_space_prefix(tok["space_prefix"])
+        if tok["unk"] is not None:
+            w.add_unk_token_id(int(tok["unk"]))
     bos = tok["bos"] if tok["bos"] is not None else cfg.bos_token_id
     eos = tok["eos"] if tok["eos"] is not None else (cfg.eos_token_ids[0] if cfg.eos_token_ids else None)
     pad = tok["pad"] if tok["pad"] is not None else cfg.pad_token_id
