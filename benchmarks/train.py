@@ -204,7 +204,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=6, help="timed steps (after one warm-up step)")
     ap.add_argument("--device", default="cuda" if cuda_available() else "cpu")
-    ap.add_argument("--precision", default=None, help="fp32 | bf16 (default: bf16 on GPU, fp32 on CPU)")
+    ap.add_argument("--precision", default=None,
+                    help="fp32 | bf16 (default: bf16 on GPU and on CPUs with native bf16 (AVX512-BF16 / AMX), else fp32)")
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in both frameworks")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--cases", default="lmstack:full,hf:full,lmstack:lora,hf:lora,lmstack:qlora")
@@ -213,7 +214,12 @@ def main() -> None:
     a = ap.parse_args()
     if a.quick:
         a.seq, a.batch, a.steps = 128, 2, 3
-    a.precision = a.precision or ("bf16" if a.device == "cuda" else "fp32")
+    if a.precision is None:
+        import torch
+
+        from lmstack.engine.llm import default_cpu_dtype
+
+        a.precision = "bf16" if a.device == "cuda" or default_cpu_dtype() == torch.bfloat16 else "fp32"
 
     if a.case:  # child process: one case, one JSON line
         if a.threads:
