@@ -62,7 +62,8 @@ def test_bad_quickstart_config_is_named():
 def test_preference_pairs_target_the_greedy_answer():
     """DPO pairs reject the wrong greedy answer (the one the test scores) with up to two distinct right
     samples as chosen, or the reference solution when none is right; a right greedy answer gives no DPO
-    pair. RM pairs keep every right-vs-wrong sample combination; KTO labels every distinct answer."""
+    pair. RM pairs keep every right-vs-wrong sample combination; KTO labels every distinct answer (and
+    adds the reference solution where none is right)."""
     import random
 
     from lmstack.train.align_pipeline import Sampled, preference_data
@@ -83,4 +84,16 @@ def test_preference_pairs_target_the_greedy_answer():
     assert rm == sorted([("p1", c, w2) for c in (r, r2, r3)] + [("p2", r2, w), ("p3", "gold3\nAnswer: 5", w2)])
     kto = {(k["prompt"], k["completion"]): k["label"] for k in rows.kto}
     assert kto[("p1", w)] is False and kto[("p1", r3)] is True and kto[("p3", w2)] is False
-    assert len(rows.kto) == 5 + 3 + 2 + 2  # distinct answers per problem, the greedy one included
+    assert kto[("p3", "gold3\nAnswer: 5")] is True  # nothing right: the reference solution is desirable
+    assert len(rows.kto) == 5 + 3 + 3 + 2  # distinct answers per problem, the greedy one included
+
+
+def test_tiny_quickstart_runs_every_alignment_method(tmp_path):
+    """`--stages all` at the tiny profile: every method gets a row and none fails, even when the model
+    gets nothing right (KTO then has the reference solutions as its desirable examples)."""
+    from lmstack.quickstart import ALL_ALIGN
+
+    qc = replace(QuickstartConfig(**PROFILES["tiny"]), out_dir=str(tmp_path), align_stages=ALL_ALIGN)
+    rows = {r["name"]: r for r in run_quickstart(qc, lambda s: None)["rows"]}
+    for stage in ALL_ALIGN:
+        assert stage in rows and not rows[stage]["note"].startswith(("failed", "no preference data")), rows[stage]

@@ -11,7 +11,8 @@
      greedy decoding never picks; measured on a dev set they cost accuracy (see quickstart.py);
    - reward-model pairs: every correct sample against a wrong one (up to `align_samples` per problem),
      so the RM learns to score the temperature-1 samples PPO will show it;
-   - KTO examples: every distinct answer, labelled desirable iff correct;
+   - KTO examples: every distinct answer, labelled desirable iff correct (plus the reference
+     solution, desirable, where no answer was right);
    - RL prompts: the first `align_problems` problems with their answers.
 3. Train each requested stage from the SFT checkpoint through the same `load_config` + `train`
    route as `lmstack train <stage>` (rm before ppo, whose reward it is), evaluate on the held-out
@@ -90,7 +91,8 @@ def preference_data(sampled: list[Sampled], rm_pairs_per_problem: int, rng: rand
         combos = [(c, r) for c in (ok or ([s.gold] if bad else [])) for r in bad]
         rng.shuffle(combos)
         rm_pairs += [{"prompt": s.prompt, "chosen": c, "rejected": r} for c, r in combos[:rm_pairs_per_problem]]
-        for t in dict.fromkeys(texts + [s.greedy]):
+        answers = texts + [s.greedy] + ([s.gold] if not ok and not right(s.greedy) else [])
+        for t in dict.fromkeys(answers):  # the reference solution is the desirable one when nothing was right
             kto.append({"prompt": s.prompt, "completion": t, "label": right(t)})
     rng.shuffle(pairs)
     return PreferenceRows(pairs, rm_pairs, kto, n_gold)
