@@ -174,7 +174,7 @@ def test_int8_w8a8_quantizes_each_row_on_its_own():
     torch.manual_seed(0)
     lin = nn.Linear(256, 96, bias=True)
     m = Int8Linear.from_linear(lin)
-    assert m.act_dtype == torch.int8
+    m.act_dtype = torch.int8  # the default on CPUs with VNNI / AMX
     x = torch.randn(7, 256) * torch.linspace(0.01, 30, 7)[:, None]  # rows of very different scales
     x[3, 5] = 200.0  # an outlier only affects its own row
     with torch.no_grad():
@@ -389,15 +389,19 @@ def test_engine_fuses_int8_projections_exactly(tiny_llama, tmp_path):
         pytest.skip("oneDNN's quantized linear is not in this PyTorch build")
     save_quantized(quantize_model(load_model(tiny_llama, dtype=torch.float32), "int8"), tmp_path / "q")
     prompts = [[5, 17, 123, 42], [250, 7, 99, 3, 11, 64, 8], [9]]
-    ref = generate(load_model(tmp_path / "q", dtype=torch.float32), prompts, 10)
+    def w8a8(d):
+        return set_kernel_activation_dtype(load_model(d, dtype=torch.float32), torch.int8)
+
+    ref = generate(w8a8(tmp_path / "q"), prompts, 10)
     llm = LLM(str(tmp_path / "q"), dtype="float32", num_kv_blocks=16, block_size=4)
+    set_kernel_activation_dtype(llm.model, torch.int8)  # the default on CPUs with VNNI / AMX
     attn = llm.model.model.layers[0].self_attn
     assert isinstance(attn._fused_qkv, FusedInt8) and attn._fused_qkv.active()
     assert attn.q_proj.weight.data_ptr() == attn._fused_qkv.fused.weight.data_ptr()
     outs = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
     assert [list(o.outputs[0].token_ids) for o in outs] == ref
     save_quantized(llm.model, tmp_path / "again")
-    again = generate(load_model(tmp_path / "again", dtype=torch.float32), prompts, 10)
+    again = generate(w8a8(tmp_path / "again"), prompts, 10)
     assert again == ref
     set_kernel_activation_dtype(llm.model, torch.bfloat16)  # not W8A8: the separate modules again
     assert not attn._fused_qkv.active()

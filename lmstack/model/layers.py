@@ -245,7 +245,7 @@ class MLP(nn.Module):
     """Gated (SwiGLU: down(act(gate(x)) * up(x))) or plain two-layer (GPT-2: down(act(up(x))))."""
 
     FUSABLE = (("_fused_gate_up", ("gate_proj", "up_proj")),)
-    _fused_gate_up: FusedLinears | None = None
+    _fused_gate_up: FusedLinears | None = None  # or quant.FusedInt8 when gate/up are int8
 
     def __init__(self, dim: int, hidden: int, act: str, gated: bool, bias: bool) -> None:
         super().__init__()

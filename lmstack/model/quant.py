@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmstack.config import ConfigError, ModelConfig
+from lmstack.log import logger
 
 
 class QuantError(ValueError):
@@ -302,6 +303,17 @@ def _onednn_int8_available() -> bool:
 _ONEDNN_INT8 = _onednn_int8_available()
 
 
+def _cpu_has_int8_dot() -> bool:
+    """VNNI / AMX int8 dot products: where oneDNN's int8 product is fast (measured on AMX; on AVX2-only
+    CPUs W8A8 stays available but is not the default)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return any(x in flags for x in ("amx_int8", "avx512_vnni", "avx_vnni"))
+
+
 def int8_activations_supported() -> bool:
     """Whether Int8Linear can run W8A8 (see Int8Linear._w8a8) with this PyTorch build."""
     return _ONEDNN_INT8
@@ -309,13 +321,13 @@ def int8_activations_supported() -> bool:
 
 class Int8Linear(QuantLinear):
     """Symmetric per-output-channel int8 weights. On CPU three activation modes (act_dtype):
-    - torch.int8 (default where oneDNN's quantized linear exists): W8A8, activations quantized per row
-      on the fly, as llama.cpp's Q8_0 dot products do; see `_w8a8`;
+    - torch.int8 (default where oneDNN's quantized linear exists and the CPU has VNNI / AMX): W8A8,
+      activations quantized per row on the fly, as llama.cpp's Q8_0 dot products do; see `_w8a8`;
     - torch.bfloat16: aten's weight-only int8 kernel with bf16 activations;
     - None: fp32 activations (results equal the dequantized-weight model's; slow)."""
 
     method = "int8"
-    act_dtype: torch.dtype | None = torch.int8 if _ONEDNN_INT8 else torch.bfloat16
+    act_dtype: torch.dtype | None = torch.int8 if _ONEDNN_INT8 and _cpu_has_int8_dot() else torch.bfloat16
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__(qweight.shape[1], qweight.shape[0], bias)
@@ -357,9 +369,14 @@ class Int8Linear(QuantLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _kernel_input(x):
             return self._fallback(x)
+        global _ONEDNN_INT8
         if self.act_dtype == torch.int8 and _ONEDNN_INT8:
-            y = self._w8a8(x.reshape(-1, x.shape[-1]).contiguous()).to(x.dtype)
-            return self._add_bias(y.view(*x.shape[:-1], self.out_features))
+            try:
+                y = self._w8a8(x.reshape(-1, x.shape[-1]).contiguous()).to(x.dtype)
+                return self._add_bias(y.view(*x.shape[:-1], self.out_features))
+            except RuntimeError as e:  # a oneDNN build or CPU that refuses it: weight-only from now on
+                logger.warning("int8 W8A8 product unavailable (%s); using bf16 activations", e)
+                _ONEDNN_INT8 = False
         x2 = _kernel_activations(x, torch.bfloat16 if self.act_dtype == torch.int8 else self.act_dtype)
         s = self._scale_cache.get(x2.dtype)
         if s is None:
@@ -389,6 +406,7 @@ class FusedInt8:
         has_bias = self.mods[0].bias is not None
         self.fused = Int8Linear(torch.cat([m.weight for m in self.mods]), torch.cat([m.weight_scale for m in self.mods]),
                                 torch.cat([m.bias.detach() for m in self.mods]) if has_bias else None)
+        self.fused.act_dtype = torch.int8  # used only while every member runs W8A8 (see active)
         self.sizes = [m.out_features for m in self.mods]
         start = 0
         for m, n in zip(self.mods, self.sizes):

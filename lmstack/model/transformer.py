@@ -18,7 +18,7 @@ from lmstack.model.rope import RotaryEmbedding, apply_rope
 
 class SelfAttention(nn.Module):
     FUSABLE = (("_fused_qkv", ("q_proj", "k_proj", "v_proj")),)  # see layers.fuse_projections
-    _fused_qkv: FusedLinears | None = None
+    _fused_qkv: FusedLinears | None = None  # or quant.FusedInt8 when q/k/v are int8
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
