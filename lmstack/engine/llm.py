@@ -148,7 +148,9 @@ class LLM:
         """An engine over an already-built model (e.g. the policy being trained): shares its weights.
         The engine fuses q/k/v and gate/up (the Parameters become slices of one weight each; use
         lmstack's save_model, as safetensors' own save refuses tensors that share memory) and, for
-        bf16 on CPU, keeps packed weight copies that follow in-place updates (layers.PackedWeight)."""
+        bf16 on CPU, keeps packed weight copies that follow in-place updates (layers.PackedWeight).
+        dtype="bfloat16" over an fp32 module runs the linears on such copies in bf16 and keeps K/V in
+        bf16 (fast rollouts; the module's own weights stay fp32)."""
         return cls(model, tokenizer=tokenizer, **engine_args)
 
     def reset_cache(self) -> None:
