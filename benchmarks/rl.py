@@ -141,8 +141,12 @@ def build_stage(kind: str, model: torch.nn.Module, cfg: ModelConfig, a: argparse
         algo.update(num_generations=a.G, beta=0.04)
     else:
         algo.update(kl_coef=0.05, ppo_epochs=1)
+    # the rollout trains as grad_accum micro-batches (one optimizer step): a 64 x 192-token fp32 batch in
+    # one piece peaks near 23 GB
+    ga = max(1, min(a.grad_accum, prompts))
     raw = {"model": {"path": str(BENCH_DIR)}, "data": {"train": ["unused.jsonl"]},
-           "training": {"batch_size": prompts, "grad_accum": 1, "max_steps": 1, "device": "cpu"}, "algo": algo}
+           "training": {"batch_size": max(1, prompts // ga), "grad_accum": ga, "max_steps": 1, "device": "cpu"},
+           "algo": algo}
     tc = load_config(raw=raw, stage=kind)
     tok = IdTokenizer(pad=cfg.eos_token_ids[0], eos=cfg.eos_token_ids[0])
     stage = (GRPO if kind == "grpo" else PPO)(tc, tok)
@@ -185,14 +189,15 @@ def one_step(kind: str, backend_name: str, model, cfg: ModelConfig, a: argparse.
     t0 = time.perf_counter()
     mbs = stage.rollout(model, examples)
     t1 = time.perf_counter()
-    forward_backward(stage, model, mbs[:1], torch.autocast("cpu", enabled=False), params, DistInfo())
+    step_mbs = mbs[:stage.cfg.training.grad_accum]  # 1 epoch x 1 minibatch: the whole rollout, one step
+    forward_backward(stage, model, step_mbs, torch.autocast("cpu", enabled=False), params, DistInfo())
     opt.step()
     opt.zero_grad(set_to_none=True)
     t2 = time.perf_counter()
     ph = dict(stage.timings.phases)
     ph["training"] = t2 - t1
     ph["total"] = t2 - t0
-    ph["gen_tokens"] = float(mbs[0]["action_mask"].sum())  # 1 epoch x 1 minibatch: the whole rollout
+    ph["gen_tokens"] = float(sum(mb["action_mask"].sum() for mb in step_mbs))
     del opt
     return ph
 
@@ -209,6 +214,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--stages", default="grpo,ppo")
     ap.add_argument("--gen-only", action="store_true", help="time only the generation phase in both columns")
+    ap.add_argument("--grad-accum", type=int, default=4, help="micro-batches the rollout trains in (one step)")
     ap.add_argument("--rollout-dtype", choices=("fp32", "bf16"), default="fp32",
                     help="generation precision in both columns (the policy trains in fp32; see above)")
     ap.add_argument("--stop-ids", type=int, default=0, help="token ids 1..N also end a completion (variable lengths)")
