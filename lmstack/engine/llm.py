@@ -23,7 +23,7 @@ import torch
 from lmstack.engine.block_manager import BlockManager
 from lmstack.engine.model_runner import ModelRunner, kv_bytes_per_block
 from lmstack.malloc import keep_freed_memory
-from lmstack.model.layers import drop_packed_weights
+from lmstack.model.layers import cpu_has, drop_packed_weights
 from lmstack.engine.outputs import CompletionOutput, EngineStats, RequestOutput
 from lmstack.engine.sampler import Sampler, SampleRow
 from lmstack.engine.sampling_params import SamplingParams
@@ -41,12 +41,7 @@ PromptType = str | list[int]
 def default_cpu_dtype() -> torch.dtype:
     """bf16 where the CPU multiplies bf16 natively (AVX512-BF16 / AMX: several times faster than fp32);
     on CPUs without it (e.g. AVX2 only) bf16 matmuls are emulated and slower than fp32, so fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        flags = ""
-    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+    return torch.bfloat16 if cpu_has("avx512_bf16", "amx_bf16") else torch.float32
 
 
 def _module_compute(model: torch.nn.Module, dtype: str) -> bool:

@@ -24,6 +24,16 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(dtype)
 
 
+def cpu_has(*flags: str) -> bool:
+    """Whether /proc/cpuinfo lists any of these CPU feature flags (False where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return False
+    return any(x in info for x in flags)
+
+
 def _onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -191,7 +201,7 @@ def _projections(model: nn.Module):
         if type(mod) is Linear:
             yield mod
         for attr, _ in getattr(mod, "FUSABLE", ()):
-            if isinstance(getattr(mod, attr), FusedLinears):
+            if type(getattr(mod, attr)) is FusedLinears:  # not quant.FusedInt8: int8, no bf16 copy
                 yield getattr(mod, attr)
 
 

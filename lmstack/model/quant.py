@@ -24,6 +24,7 @@ from torch import nn
 
 from lmstack.config import ConfigError, ModelConfig
 from lmstack.log import logger
+from lmstack.model.layers import FusedLinears, cpu_has
 
 
 class QuantError(ValueError):
@@ -303,17 +304,6 @@ def _onednn_int8_available() -> bool:
 _ONEDNN_INT8 = _onednn_int8_available()
 
 
-def _cpu_has_int8_dot() -> bool:
-    """VNNI / AMX int8 dot products: where oneDNN's int8 product is fast (measured on AMX; on AVX2-only
-    CPUs W8A8 stays available but is not the default)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return any(x in flags for x in ("amx_int8", "avx512_vnni", "avx_vnni"))
-
-
 def int8_activations_supported() -> bool:
     """Whether Int8Linear can run W8A8 (see Int8Linear._w8a8) with this PyTorch build."""
     return _ONEDNN_INT8
@@ -327,7 +317,9 @@ class Int8Linear(QuantLinear):
     - None: fp32 activations (results equal the dequantized-weight model's; slow)."""
 
     method = "int8"
-    act_dtype: torch.dtype | None = torch.int8 if _ONEDNN_INT8 and _cpu_has_int8_dot() else torch.bfloat16
+    # W8A8 is the default where it is fast (measured on AMX); on AVX2-only CPUs it stays opt-in
+    act_dtype: torch.dtype | None = (torch.int8 if _ONEDNN_INT8 and cpu_has("amx_int8", "avx512_vnni", "avx_vnni")
+                                     else torch.bfloat16)
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__(qweight.shape[1], qweight.shape[0], bias)
@@ -388,44 +380,33 @@ class Int8Linear(QuantLinear):
         return {"weight": self.weight, "weight_scale": self.weight_scale}
 
 
-class FusedInt8:
+class FusedInt8(FusedLinears):
     """Int8Linears that read the same input (q/k/v; gate/up) run as one W8A8 product at inference:
     one activation quantization and one oneDNN call instead of three (two). At one decode row the
     fixed cost of a call (quantizing the row, launching the kernel) is a sizeable part of its time.
 
-    The members keep their identity, but their buffers become slices of the fused ones, so nothing is
-    stored twice and in-place writes reach the fused weight (views share the version counter the
-    packed copy is keyed on). Used only while every member is still the module it was and all run
-    W8A8 (`set_kernel_activation_dtype` to bf16 or None switches back to the separate modules)."""
-
-    packed = None  # not a float projection: no bf16 PackedWeight (layers.pack_weights skips it)
+    As in FusedLinears, the members keep their identity but their codes, scales and biases become
+    slices of the fused ones: nothing is stored twice, and in-place writes reach the fused weight
+    (views share the version counter its packed copy is keyed on). Used only while the group is
+    intact and every member runs W8A8 (`set_kernel_activation_dtype` to bf16 or None switches back
+    to the separate modules)."""
 
     def __init__(self, owner: nn.Module, names: tuple[str, ...]) -> None:
-        self.owner, self.names = owner, names
-        self.mods: list[Int8Linear] = [getattr(owner, n) for n in names]
-        has_bias = self.mods[0].bias is not None
-        self.fused = Int8Linear(torch.cat([m.weight for m in self.mods]), torch.cat([m.weight_scale for m in self.mods]),
-                                torch.cat([m.bias.detach() for m in self.mods]) if has_bias else None)
-        self.fused.act_dtype = torch.int8  # used only while every member runs W8A8 (see active)
-        self.sizes = [m.out_features for m in self.mods]
+        super().__init__(owner, names)  # codes and biases: slices of self.weight / self.bias
+        scale = torch.cat([m.weight_scale for m in self.mods])
         start = 0
         for m, n in zip(self.mods, self.sizes):
-            m._buffers["weight"] = self.fused.weight[start:start + n]
-            m._buffers["weight_scale"] = self.fused.weight_scale[start:start + n]
-            if has_bias:
-                m.bias.data = self.fused.bias.data[start:start + n]
+            m.weight_scale.data = scale[start:start + n]
             start += n
-        self._ptrs = self._pointers()
-
-    def _pointers(self) -> list[int]:
-        return [m.weight.data_ptr() for m in self.mods]
+        self.fused = Int8Linear(self.weight, scale)  # int8 and fp32 already: the same tensors, not copies
+        self.fused.act_dtype = torch.int8
 
     def active(self) -> bool:
-        return (_ONEDNN_INT8 and all(getattr(self.owner, n) is m and m.act_dtype == torch.int8
-                                     for n, m in zip(self.names, self.mods)) and self._pointers() == self._ptrs)
+        return _ONEDNN_INT8 and self.intact() and all(m.act_dtype == torch.int8 for m in self.mods)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.fused(x).split(self.sizes, dim=-1)
+        y = self.fused(x)
+        return (y if self.bias is None else y + self.bias.to(y.dtype)).split(self.sizes, dim=-1)
 
 
 def _int4_kernel_ok(out_features: int, group_size: int) -> bool:
