@@ -371,6 +371,10 @@ def test_bf16_linears_over_an_fp32_policy(model_dir, prompts, monkeypatch):
     fast = LLM.from_model(fast_model, dtype="bfloat16")
     with pytest.raises(ValueError, match="float16.*never converts the weights"):
         LLM.from_model(load_model(model_dir, dtype=torch.float32), dtype="float16")
+    with monkeypatch.context() as m:  # a CPU without native bf16: a clear error, not emulated bf16
+        m.setattr(runner_mod, "bf16_packing_supported", lambda: False)
+        with pytest.raises(ValueError, match="native bf16 path"):
+            LLM.from_model(load_model(model_dir, dtype=torch.float32), dtype="bfloat16")
 
     monkeypatch.setattr(runner_mod, "fuse_projections", lambda m: 0)
     monkeypatch.setattr(runner_mod, "pack_weights", lambda m, from_fp32=False: 0)

@@ -389,18 +389,20 @@ def _spm_vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
-def _with_spm_tokenizer(src, dst, n_vocab: int):
-    """Copy GGUF file src to dst with its tokenizer replaced by a SentencePiece ('llama') one."""
+def _with_spm_tokenizer(src, dst, n_vocab: int, scores: bool = True):
+    """Copy GGUF file src to dst with its tokenizer replaced by a SentencePiece ('llama') one
+    (scores=False: without tokenizer.ggml.scores, a broken file)."""
     r = gguf.GGUFReader(str(src))
     w = gguf.GGUFWriter(str(dst), "llama")
     for field in r.fields.values():
         if field.name.startswith("llama.") and field.types:
             sub = field.types[-1] if len(field.types) > 1 else None
             w.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
-    tokens, scores, types = _spm_vocab(n_vocab)
+    tokens, token_scores, types = _spm_vocab(n_vocab)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
-    w.add_token_scores(scores)
+    if scores:
+        w.add_token_scores(token_scores)
     w.add_token_types(types)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
@@ -445,6 +447,9 @@ def test_sentencepiece_gguf_tokenizer_matches_llama_cpp(tmp_path_factory, tmp_pa
     assert any(len(ours.backend.id_to_token(i)) > 3 for i in ours.encode("the quick brown fox"))  # merges used
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     out = LLM(str(f), dtype="float32").generate(["Hello world"], params)[0]
+    bad = _with_spm_tokenizer(tmp_path / "bpe.gguf", tmp_path / "noscores.gguf", 512, scores=False)
+    with pytest.raises(GGUFError, match="needs tokenizer.ggml.scores for each of its 512 tokens; found None"):
+        load_gguf(bad)
     assert out.prompt_token_ids == ref.tokenize(b"Hello world", add_bos=True) and len(out.outputs[0].token_ids) == 4
 
 
