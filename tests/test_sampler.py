@@ -126,6 +126,26 @@ def test_sampling_follows_the_filtered_distribution():
     torch.testing.assert_close(freq[:4], want, atol=0.03, rtol=0)
 
 
+def test_sampling_over_several_cdf_blocks():
+    # a vocabulary of 2.4 CDF blocks (padded): the allowed tokens sit at block edges, inside the
+    # padded last block and far apart; every other token is -inf and must never be drawn
+    from lmstack.engine.sampler import _CDF_BLOCK
+
+    V = int(2.4 * _CDF_BLOCK)
+    allowed = torch.tensor([0, _CDF_BLOCK - 1, _CDF_BLOCK, 2 * _CDF_BLOCK + 5, V - 1])
+    logits = torch.full((V,), float("-inf"))
+    logits[allowed] = torch.tensor([0.5, -1.0, 1.5, 0.0, 1.0])
+    rows = [SampleRow(SamplingParams(temperature=1.0), gen(i)) for i in range(4000)]
+    toks = torch.tensor(Sampler()(logits.expand(4000, V).clone(), rows).token_ids)
+    assert set(toks.tolist()) <= set(allowed.tolist())
+    freq = torch.stack([(toks == a).float().mean() for a in allowed])
+    torch.testing.assert_close(freq, torch.softmax(logits[allowed], -1), atol=0.03, rtol=0)
+    # a single allowed token in the middle of the vocabulary is always the one drawn
+    one = torch.full((3, V), float("-inf"))
+    one[:, 1500] = 0.0
+    assert Sampler()(one, [SampleRow(SamplingParams(temperature=0.7), gen(i)) for i in range(3)]).token_ids == [1500] * 3
+
+
 def test_logprobs_top_n_and_rank():
     logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
     res = Sampler()(logits, [SampleRow(SamplingParams(temperature=0, logprobs=2))])

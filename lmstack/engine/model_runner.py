@@ -4,11 +4,14 @@ Batch layout (vLLM style): all scheduled sequences' new tokens are concatenated 
 tokens (1, T) with per-token positions. Decodes (one new token) come first, then prefill chunks.
 `PagedMeta.attend` is called by every layer with that row's q/k/v (after RoPE): it writes the new
 k/v into the paged pool at `slot_mapping` (slot = block_id * block_size + offset), then
-  - decodes: sequences are grouped by context length (each group's lengths within 2x of its
-    longest, so padding wastes < half); per group, every sequence's blocks are gathered (whole blocks,
-    one index_select) into one padded (S, Hkv, Lmax, D) tensor and a single SDPA call runs with an
-    additive mask for the padding (and sliding window). The G query heads that share a KV head are
-    laid out as G "query positions", so GQA needs no K/V copy.
+  - decodes, on CPU with lmstack's C++ kernel (cpu_kernels.py; float32 / bf16 pools): one call for
+    all of them, each sequence attending over its K/V where it lies in the pool (PagedAttention).
+  - decodes otherwise (no compiler, other devices and dtypes): sequences are grouped by context
+    length (each group's lengths within 2x of its longest, so padding wastes < half); per group,
+    every sequence's blocks are gathered (whole blocks, one index_select) into one padded
+    (S, Hkv, Lmax, D) tensor and a single SDPA call runs with an additive mask for the padding (and
+    sliding window). The G query heads that share a KV head are laid out as G "query positions", so
+    GQA needs no K/V copy.
   - prefill chunks: one SDPA call per sequence; when the chunk is the whole context (no cached
     prefix) it attends over its own k/v with `is_causal`, otherwise over its gathered context with
     the query offset (chunked prefill, prefix-cache hit, recompute after preemption).
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lmstack.engine import cpu_kernels
 from lmstack.model.attention import attention
 from lmstack.model.layers import bf16_packing_supported, fuse_projections, pack_weights
 from lmstack.model.transformer import Transformer
@@ -64,7 +68,8 @@ class PagedMeta:
 
     def __init__(self, k_blocks: list[torch.Tensor], v_blocks: list[torch.Tensor], slot_mapping: torch.Tensor,
                  num_decodes: int, dec_groups: list[DecodeGroup],
-                 prefills: list[tuple[int, int, int, torch.Tensor | None]], dtype: torch.dtype) -> None:
+                 prefills: list[tuple[int, int, int, torch.Tensor | None]], dtype: torch.dtype,
+                 kernel: bool = False) -> None:
         self.k_blocks, self.v_blocks = k_blocks, v_blocks  # per layer (num_blocks, block_size, Hkv, D)
         self.slot_mapping = slot_mapping  # (T,) pool slot (block_id * block_size + offset) of every new token
         self.num_decodes = num_decodes
@@ -72,6 +77,7 @@ class PagedMeta:
         # prefill chunks: (start in row, num new tokens, num tokens before the chunk, block ids | None)
         self.prefills = prefills
         self.dtype = dtype
+        self.kernel = kernel  # decodes through cpu_kernels.paged_decode_attention (one group, no padding)
         self._dec_masks: dict[tuple[int, int | None], torch.Tensor] = {}
 
     @staticmethod
@@ -112,7 +118,10 @@ class PagedMeta:
         # attention runs in the pool's dtype (bf16 K/V under an fp32 forward with bf16 linears)
         q, k, v = q.to(kb.dtype), k.to(kb.dtype), v.to(kb.dtype)
         nd = self.num_decodes
-        for gi, g in enumerate(self.dec_groups):
+        if self.kernel and nd:
+            g = self.dec_groups[0]
+            out[:nd] = cpu_kernels.paged_decode_attention(q[0, :nd], kb, vb, g.blocks, g.ctx_lens, D ** -0.5, window)
+        for gi, g in enumerate([] if self.kernel else self.dec_groups):
             qg = q[0, :nd] if g.rows is None else q[0, g.rows]
             S = qg.shape[0]
             qd = qg.view(S, Hkv, G, D)  # (S, Hkv, G, D): G query heads per kv head
@@ -157,6 +166,8 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.kv_dtype = kv_dtype or model.dtype
         self.device = model.device
+        probe = torch.empty(0, dtype=self.kv_dtype, device=self.device)
+        self.use_kernel = cpu_kernels.supports(probe, probe) and cpu_kernels.load() is not None
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(cfg.num_layers)]
         self.v_cache = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(cfg.num_layers)]
@@ -203,14 +214,12 @@ class ModelRunner:
                 positions.append(p)
                 dec_slot_vals.append(block_tables[i][p // bs] * bs + p % bs)
             slot_list.append(torch.tensor(dec_slot_vals, dtype=torch.long))
-            groups = group_by_length([starts[i] + 1 for i in range(nd)])
+            groups = [list(range(nd))] if self.use_kernel else group_by_length([starts[i] + 1 for i in range(nd)])
             if len(groups) == 1:
                 groups = [list(range(nd))]  # keep the decodes' own order: no row scatter needed
             for idx in groups:
                 nblk = max(len(block_tables[i]) for i in idx)
-                bt = torch.zeros(len(idx), nblk, dtype=torch.long)
-                for r, i in enumerate(idx):
-                    bt[r, : len(block_tables[i])] = torch.tensor(block_tables[i], dtype=torch.long)
+                bt = torch.tensor([block_tables[i] + [0] * (nblk - len(block_tables[i])) for i in idx], dtype=torch.long)
                 ctx = torch.tensor([starts[i] + 1 for i in idx], dtype=torch.long)
                 rows = None if len(groups) == 1 else torch.tensor(idx, dtype=torch.long, device=self.device)
                 dec_groups.append(DecodeGroup(rows, bt.to(self.device), ctx.to(self.device)))
@@ -233,7 +242,7 @@ class ModelRunner:
         tokens = torch.tensor(flat_tokens, dtype=torch.long, device=self.device)[None]
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)[None]
         meta = PagedMeta(self.k_cache, self.v_cache, torch.cat(slot_list).to(self.device), nd, dec_groups,
-                         prefills, self.kv_dtype)
+                         prefills, self.kv_dtype, kernel=self.use_kernel)
         hidden = self.model(tokens, pos, meta=meta)  # (1, T, D)
         rows = [last_index[i] for i in range(len(token_ids)) if sample_mask[i]]
         if not rows:

@@ -10,7 +10,7 @@ Order of operations on each row's logits (float32):
      k-th value kept), top-p (keep the smallest prefix of the sorted distribution whose mass
      reaches top_p: a token is dropped when the mass strictly before it is already >= top_p);
   5. one uniform draw per row from the row's own torch.Generator, mapped through the row's CDF
-     (inverse-transform sampling). Each row consumes exactly one number from its own generator and
+     (inverse-transform sampling; the CDF in two levels, over blocks of tokens and then inside one). Each row consumes exactly one number from its own generator and
      every operation above is row-wise, so a seeded request samples the same tokens whatever else
      is in the batch.
 Log-probabilities (`logprobs=N`) are those of the raw model distribution (before penalties and
@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from lmstack.engine.sampling_params import SamplingParams
 from lmstack.engine.sequence import Logprob
@@ -101,15 +102,49 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return logits
 
 
-def _sample_from_probs(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-    """Inverse-transform sampling: one uniform per row, from that row's generator."""
-    u = torch.empty(len(generators), dtype=torch.float64)
+_CDF_BLOCK = 1024  # vocabulary positions per block of the two-level CDF (see _sample_from_logits)
+_EXP_FLOOR = float(torch.tensor(-80.0).exp())  # float32 exp of the logit floor (see _sample_from_logits)
+
+
+def _sample_from_logits(scaled: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """Inverse-transform sampling from softmax(scaled) (N, V) (excluded tokens at -inf): one uniform
+    u in (0, 1] per row from that row's generator; the token is the first whose cumulative mass reaches
+    u times the total. Overwrites `scaled`.
+
+    Why two levels: a float64 cumsum over the whole (N, V) row was most of the sampler's time (64 x
+    49152: 5.9 ms per step of which the full softmax and cumsum 4 ms). Here only unnormalized
+    probabilities e = exp(x - max) are computed (one pass), summed per block of _CDF_BLOCK tokens; the
+    cumsum runs over the block sums, then inside the one chosen block. Every step is row-wise, so a
+    row's token does not depend on the other rows."""
+    N, V = scaled.shape
+    u = torch.empty(N, dtype=torch.float64)
     for i, g in enumerate(generators):
         u[i] = 1.0 - torch.rand((), generator=g, dtype=torch.float64)  # (0, 1]: never picks a p=0 token
-    cdf = probs.double().cumsum(-1)  # (N, V)
-    target = (u.to(probs.device) * cdf[:, -1])[:, None]
-    idx = torch.searchsorted(cdf, target).squeeze(1)
-    return idx.clamp_max(probs.shape[-1] - 1)
+    B = _CDF_BLOCK
+    nb = -(-V // B)
+    # x86 computes exp(x) ~10-100x slower when x is -inf or the result underflows (x < -87; a random
+    # model's 32 x 49152 logits took 7 ms instead of 0.3 ms). So exp runs on max(x, -80), and every
+    # token at that floor gets p = 0: those below e^-80 of the top token's probability (total mass
+    # < V * 2e-35) and those excluded (-inf).
+    scaled.sub_(scaled.amax(-1, keepdim=True)).clamp_min_(-80.0)
+    if V == nb * B:
+        e = scaled.exp_()
+    else:
+        e = scaled.new_empty(N, nb * B)
+        e[:, V:] = 0.0  # padding columns: p = 0
+        torch.exp(scaled, out=e[:, :V])
+    F.threshold_(e, _EXP_FLOOR, 0.0)  # e <= exp(-80) -> 0
+    # fp32 sums of 1024 terms in [0, 1] (relative error ~1e-7; a float64 reduction was 6x slower)
+    blocks = e.view(N, nb, B).sum(-1).double()  # (N, nb) mass per block
+    cb = blocks.cumsum(-1)
+    target = (u.to(e.device) * cb[:, -1])[:, None]  # (N, 1), in (0, total]
+    bi = torch.searchsorted(cb, target).clamp_max(nb - 1)  # first block reaching the target: mass > 0
+    before = (cb.gather(1, bi) - blocks.gather(1, bi))  # mass of the blocks before it
+    inner = e.view(N, nb, B)[torch.arange(N, device=e.device), bi[:, 0]].double().cumsum(-1)  # (N, B)
+    # rounding could put the remainder outside (0, block mass]: clamp so a p > 0 token is picked
+    rest = (target - before).clamp(min=torch.finfo(torch.float64).tiny).minimum(inner[:, -1:])
+    j = torch.searchsorted(inner, rest)
+    return (bi * B + j).squeeze(1)
 
 
 def compute_logprobs(raw_logits: torch.Tensor, tokens: torch.Tensor, nums: list[int]) -> list[dict[int, Logprob]]:
@@ -172,14 +207,14 @@ class Sampler:
         if rand:
             r = torch.tensor(rand, device=dev)
             temp = torch.tensor([params[i].temperature for i in rand], device=dev)
-            scaled = logits[r] / temp[:, None]
+            scaled = (logits if len(rand) == N else logits[r]) / temp[:, None]  # a new tensor either way
             scaled = filter_logits(
                 scaled,
                 torch.tensor([params[i].top_k for i in rand], device=dev, dtype=torch.long),
                 torch.tensor([params[i].top_p for i in rand], device=dev),
                 torch.tensor([params[i].min_p for i in rand], device=dev),
             )
-            tokens[r] = _sample_from_probs(scaled.softmax(-1), [rows[i].generator for i in rand])
+            tokens[r] = _sample_from_logits(scaled, [rows[i].generator for i in rand])
 
         logprobs: list[dict[int, Logprob] | None] = [None] * N
         lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
