@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lmstack.engine import cpu_kernels
+from lmstack import cpu_kernels
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +74,76 @@ def test_supports_and_disable_switch(monkeypatch):
     assert not cpu_kernels.supports(f32, f32.transpose(1, 2))  # a non-contiguous pool
     monkeypatch.setenv("LMSTACK_CPU_KERNELS", "0")
     assert not cpu_kernels.enabled()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_fused_elementwise_equal_the_pytorch_ops(kernels, dtype, rows):
+    """Each fused op against the eager chain it replaces. bf16 rounds at the same points as that chain,
+    so results are equal; fp32 within the last bit of rsqrt / exp / summation order."""
+    import torch.nn.functional as F
+
+    from lmstack.model.layers import RMSNorm
+    from lmstack.model.rope import apply_rope
+
+    g = torch.Generator().manual_seed(rows)
+    exact = dtype == torch.bfloat16
+    close = dict(atol=0, rtol=0) if exact else dict(atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        C = 72  # not a multiple of 16: the vector loop and its scalar tail both run
+        x, y = (torch.randn(rows, C, generator=g).to(dtype) for _ in range(2))
+        norm = RMSNorm(C, eps=1e-5).to(dtype)
+        norm.weight.copy_(torch.randn(C, generator=g))
+
+        def eager_norm(t):  # RMSNorm.forward's PyTorch chain (the module itself would call the kernel)
+            h = t.float()
+            return norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps)).to(dtype)
+
+        # bf16: one ulp where fp32 summation order moves the rsqrt across a rounding boundary
+        norm_tol = dict(atol=0.02, rtol=0.01) if exact else close
+        torch.testing.assert_close(kernels.rms_norm(x, norm.weight, norm.eps), eager_norm(x), **norm_tol)
+        s, h = kernels.add_rms_norm(x, y, norm.weight, norm.eps)
+        assert torch.equal(s, x + y)
+        torch.testing.assert_close(h, eager_norm(x + y), **norm_tol)
+
+        gu = (3 * torch.randn(rows, 2 * 40, generator=g)).to(dtype)
+        gate, up = gu.split(40, -1)
+        torch.testing.assert_close(kernels.silu_mul(gu), F.silu(gate) * up, **close)
+
+        H, Hkv, D = 3, 1, 32
+        qkv = torch.randn(1, rows, (H + 2 * Hkv) * D, generator=g).to(dtype)
+        ang = torch.randn(1, rows, D // 2, generator=g)
+        cos, sin = torch.cat([ang, ang], -1).cos().to(dtype), torch.cat([ang, ang], -1).sin().to(dtype)
+        q, k, v = (t.clone() for t in qkv.split([H * D, Hkv * D, Hkv * D], -1))
+        kernels.rope_(qkv, cos, sin, H + Hkv, D)
+        q2, k2, v2 = qkv.split([H * D, Hkv * D, Hkv * D], -1)
+        torch.testing.assert_close(q2.view(1, rows, H, D), apply_rope(q.view(1, rows, H, D), cos, sin), atol=0, rtol=0)
+        torch.testing.assert_close(k2.view(1, rows, Hkv, D), apply_rope(k.view(1, rows, Hkv, D), cos, sin), atol=0, rtol=0)
+        assert torch.equal(v2, v)  # v untouched
+
+
+def test_model_uses_the_kernels_only_without_autograd(kernels, monkeypatch):
+    """A decoder's no-grad CPU forward (fused kernels) equals its autograd forward (PyTorch ops)."""
+    from lmstack.config import ModelConfig
+    from lmstack.model.layers import fuse_projections
+    from lmstack.model.transformer import Transformer
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=16)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    model.init_weights(0.2)
+    fuse_projections(model)
+    tokens = torch.randint(0, 64, (2, 9))
+    pos = torch.arange(9).expand(2, 9)
+    calls = []
+    for name in ("rms_norm", "add_rms_norm", "silu_mul", "rope_"):
+        fn = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _fn=fn, _n=name: calls.append(_n) or _fn(*a))
+    with torch.no_grad():
+        fast = model(tokens, pos)
+    assert sorted(set(calls)) == ["add_rms_norm", "rms_norm", "rope_", "silu_mul"]
+    calls.clear()
+    slow = model(tokens, pos).detach()  # grad on: the eager ops, separate projections
+    assert calls == []
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)

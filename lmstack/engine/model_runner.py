@@ -4,7 +4,7 @@ Batch layout (vLLM style): all scheduled sequences' new tokens are concatenated 
 tokens (1, T) with per-token positions. Decodes (one new token) come first, then prefill chunks.
 `PagedMeta.attend` is called by every layer with that row's q/k/v (after RoPE): it writes the new
 k/v into the paged pool at `slot_mapping` (slot = block_id * block_size + offset), then
-  - decodes, on CPU with lmstack's C++ kernel (cpu_kernels.py; float32 / bf16 pools): one call for
+  - decodes, on CPU with lmstack's C++ kernel (lmstack/cpu_kernels.py; float32 / bf16 pools): one call for
     all of them, each sequence attending over its K/V where it lies in the pool (PagedAttention).
   - decodes otherwise (no compiler, other devices and dtypes): sequences are grouped by context
     length (each group's lengths within 2x of its longest, so padding wastes < half); per group,
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lmstack.engine import cpu_kernels
+from lmstack import cpu_kernels
 from lmstack.model.attention import attention
 from lmstack.model.layers import bf16_packing_supported, fuse_projections, pack_weights
 from lmstack.model.transformer import Transformer

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmstack import cpu_kernels
+
 
 class RMSNorm(nn.Module):
     """RMSNorm (Zhang & Sennrich 2019). Statistics in fp32, then cast back before the weight
@@ -18,6 +20,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_kernels.fast(x, self.weight):  # CPU inference: the same arithmetic in one C++ pass
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -165,9 +169,12 @@ class FusedLinears:
         """Use the fused path: inference (autograd keeps the separate Parameters) and intact."""
         return not torch.is_grad_enabled() and self.intact()
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The members' outputs side by side (..., sum of out features)."""
+        return _project(self.packed, x, self.weight, self.bias, tuple(m.weight for m in self.mods))
+
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        sources = tuple(m.weight for m in self.mods)
-        return _project(self.packed, x, self.weight, self.bias, sources).split(self.sizes, dim=-1)
+        return self.project(x).split(self.sizes, dim=-1)
 
 
 def fuse_projections(model: nn.Module) -> int:
@@ -270,7 +277,10 @@ class MLP(nn.Module):
         if self.gated:
             f = self._fused_gate_up
             if f is not None and f.active():
-                g, u = f(x)
+                gu = f.project(x)  # (..., 2 * hidden): [gate | up]
+                if self.act is F.silu and cpu_kernels.fast(gu):
+                    return self.down_proj(cpu_kernels.silu_mul(gu))
+                g, u = gu.split(f.sizes, dim=-1)
                 return self.down_proj(self.act(g) * u)
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(self.act(self.up_proj(x)))

@@ -404,9 +404,9 @@ class FusedInt8(FusedLinears):
     def active(self) -> bool:
         return _ONEDNN_INT8 and self.intact() and all(m.act_dtype == torch.int8 for m in self.mods)
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def project(self, x: torch.Tensor) -> torch.Tensor:
         y = self.fused(x)
-        return (y if self.bias is None else y + self.bias.to(y.dtype)).split(self.sizes, dim=-1)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
 def _int4_kernel_ok(out_features: int, group_size: int) -> bool:

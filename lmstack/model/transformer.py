@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lmstack import cpu_kernels
 from lmstack.config import ModelConfig
 from lmstack.model.attention import attention
 from lmstack.model.layers import MLP, FusedLinears, Linear, RMSNorm, make_norm
@@ -39,8 +40,14 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, meta) -> torch.Tensor:
         B, T, _ = x.shape
         f = self._fused_qkv
+        roped = False
         if f is not None and f.active():
-            q, k, v = f(x)
+            qkv = f.project(x)  # (B, T, (H + 2 Hkv) D)
+            if rope is not None and not self.qk_norm and cpu_kernels.fast(qkv, rope[0]):
+                # CPU inference: RoPE on the q and k heads in place, one C++ pass
+                cpu_kernels.rope_(qkv, *rope, self.n_heads + self.n_kv, self.head_dim)
+                roped = True
+            q, k, v = qkv.split(f.sizes, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
@@ -48,7 +55,7 @@ class SelfAttention(nn.Module):
         v = v.view(B, T, self.n_kv, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
+        if rope is not None and not roped:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if meta is None:
             o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), impl=self.impl,
@@ -69,8 +76,14 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.act, cfg.gated_mlp, cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor, rope, meta) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        a = self.self_attn(self.input_layernorm(x), rope, meta)
+        post = self.post_attention_layernorm
+        if isinstance(post, RMSNorm) and cpu_kernels.fast(x, a, post.weight):
+            x, h = cpu_kernels.add_rms_norm(x, a, post.weight, post.eps)  # CPU inference: one pass
+        else:
+            x = x + a
+            h = post(x)
+        return x + self.mlp(h)
 
 
 class Backbone(nn.Module):
