@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -59,12 +60,15 @@ def load() -> ModuleType | None:
                 from torch.utils.cpp_extension import load as build
 
                 _put_ninja_on_path()
+                t0 = time.perf_counter()
 
                 # no fp-contract: GCC would fuse a*b + c into an FMA and round differently from the PyTorch ops
                 # the kernels replace
                 flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
                 _module = build(name="lmstack_cpu_kernels", sources=[str(_CSRC / f) for f in _SOURCES], extra_cflags=flags,
                                 extra_ldflags=["-fopenmp"], verbose=False)
+                if time.perf_counter() - t0 > 5:  # a real build, not a cache hit: say where the time went
+                    logger.info("built lmstack's C++ CPU kernels in %.0f s (cached for later runs)", time.perf_counter() - t0)
             except Exception as e:  # no compiler, unsupported platform, ...: fall back, say why once
                 _failed = True
                 logger.warning("lmstack C++ CPU kernels unavailable (%s: %s); using PyTorch ops instead",
