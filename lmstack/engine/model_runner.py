@@ -195,8 +195,8 @@ class ModelRunner:
 
         For sequence i compute tokens token_ids[i] at positions starts[i].. (its earlier tokens are in
         the pool already, reachable through block_tables[i]). Sequences must be ordered decodes
-        (one token) first. Returns float32 logits (num sampled sequences, V) for the sequences with
-        sample_mask[i], in order."""
+        (one token) first. Returns logits (num sampled sequences, V) in the model's dtype for the
+        sequences with sample_mask[i], in order."""
         bs = self.block_size
         flat_tokens: list[int] = []
         positions: list[int] = []
@@ -248,4 +248,4 @@ class ModelRunner:
         if not rows:
             return torch.empty(0, self.model.config.vocab_size)
         h = hidden[0, torch.tensor(rows, device=self.device)]  # (N, D)
-        return self.model.compute_logits(h).float()
+        return self.model.compute_logits(h)  # model dtype: the sampler upcasts only what needs fp32

@@ -171,11 +171,15 @@ class Sampler:
         N, V = logits.shape
         assert N == len(rows), (N, len(rows))
         raw = logits
-        logits = logits.float()
         dev = logits.device
         params = [r.params for r in rows]
 
         pen_rows = [i for i, p in enumerate(params) if p.needs_penalties]
+        banned = [(i, t) for i, r in enumerate(rows) for t in (r.banned_ids or []) if 0 <= t < V]
+        # all-greedy rows without penalties or bans take the argmax of the raw (e.g. bf16) logits: the
+        # same index as after an exact upcast, without an (N, V) fp32 copy (64 x 151936: 3.5 ms, not 4.1)
+        if pen_rows or banned or not all(p.greedy for p in params):
+            logits = logits.float()
         if pen_rows:
             sel = torch.tensor(pen_rows, device=dev)
             logits = logits.clone()
@@ -187,7 +191,6 @@ class Sampler:
                 torch.tensor([params[i].presence_penalty for i in pen_rows], device=dev),
                 torch.tensor([params[i].frequency_penalty for i in pen_rows], device=dev),
             )
-        banned = [(i, t) for i, r in enumerate(rows) for t in (r.banned_ids or []) if 0 <= t < V]
         if banned:
             if not pen_rows:
                 logits = logits.clone()
