@@ -4,7 +4,7 @@
   engine's block pool (PagedAttention), instead of gathering a padded copy first.
 - csrc/fused_elementwise.cpp: RMSNorm (+ residual add), silu(gate) * up and RoPE as one call each,
   for CPU inference (no autograd) in float32 / bfloat16.
-The build needs a C++ compiler (g++ / clang++); it takes ~30-60 s once and is cached by PyTorch
+The build needs a C++ compiler (g++ / clang++); it takes ~20-40 s once and is cached by PyTorch
 (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions). Without a compiler, on other devices,
 or with LMSTACK_CPU_KERNELS=0, the PyTorch ops run instead: same results up to float rounding.
 """
@@ -85,10 +85,10 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     return _module.paged_decode_attention(q, k_pool, v_pool, block_tables, ctx_lens, float(scale), int(window or 0))
 
 
-def supports(q: torch.Tensor, pool: torch.Tensor) -> bool:
-    """Whether the kernel handles these tensors (CPU, float32 / bfloat16, contiguous pool)."""
-    return (q.device.type == "cpu" and pool.device.type == "cpu" and pool.dtype in (torch.float32, torch.bfloat16)
-            and pool.is_contiguous())
+def supports(kv_dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the attention kernel handles a KV pool of this dtype on this device (the engine's pools
+    are contiguous (num_blocks, block_size, Hkv, D) tensors)."""
+    return device.type == "cpu" and kv_dtype in (torch.float32, torch.bfloat16)
 
 
 def fast(*tensors: torch.Tensor) -> bool:

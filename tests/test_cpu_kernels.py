@@ -68,12 +68,31 @@ def test_matches_dense_attention(kernels, dtype, atol, H, Hkv, D, bs, window):
 
 
 def test_supports_and_disable_switch(monkeypatch):
-    f32 = torch.zeros(2, 4, 2, 8)
-    assert cpu_kernels.supports(f32, f32)
-    assert not cpu_kernels.supports(f32, f32.half())
-    assert not cpu_kernels.supports(f32, f32.transpose(1, 2))  # a non-contiguous pool
+    cpu = torch.device("cpu")
+    assert cpu_kernels.supports(torch.float32, cpu) and cpu_kernels.supports(torch.bfloat16, cpu)
+    assert not cpu_kernels.supports(torch.float16, cpu)
+    assert not cpu_kernels.supports(torch.bfloat16, torch.device("meta"))
     monkeypatch.setenv("LMSTACK_CPU_KERNELS", "0")
     assert not cpu_kernels.enabled()
+
+
+def test_failed_build_says_why_and_falls_back(monkeypatch, caplog):
+    """No compiler (here: a builder that raises): one warning naming the cause, then PyTorch ops."""
+    import torch.utils.cpp_extension as cpp
+
+    def no_compiler(*a, **k):
+        raise RuntimeError("Error building extension: g++: command not found")
+
+    monkeypatch.setattr(cpu_kernels, "_module", None)
+    monkeypatch.setattr(cpu_kernels, "_failed", False)
+    monkeypatch.setattr(cpp, "load", no_compiler)
+    with caplog.at_level("WARNING", logger="lmstack.cpu_kernels"):
+        assert cpu_kernels.load() is None
+        assert cpu_kernels.load() is None  # not retried
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 1 and "g++: command not found" in msgs[0] and "PyTorch ops" in msgs[0]
+    with torch.no_grad():
+        assert not cpu_kernels.fast(torch.zeros(2, 4))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

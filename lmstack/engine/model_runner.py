@@ -104,12 +104,30 @@ class PagedMeta:
             self._dec_masks[(gi, window)] = m
         return m
 
+    def _decode_sdpa(self, q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, out: torch.Tensor,
+                     window: int | None) -> None:
+        """The PyTorch decode path: per length group, gather its blocks into a padded copy and run one
+        masked SDPA call. q (1, T, H, D) in the pool's dtype; writes the decodes' rows of out (T, H, D)."""
+        H, D = q.shape[2:]
+        Hkv = kb.shape[2]
+        nd = self.num_decodes
+        for gi, g in enumerate(self.dec_groups):
+            qg = q[0, :nd] if g.rows is None else q[0, g.rows]
+            S = qg.shape[0]
+            qd = qg.view(S, Hkv, H // Hkv, D)  # (S, Hkv, G, D): G query heads per kv head
+            kd = self.gather(kb, g.blocks).transpose(1, 2)  # (S, Hkv, Lmax, D)
+            vd = self.gather(vb, g.blocks).transpose(1, 2)
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self._decode_mask(gi, window))
+            if g.rows is None:
+                out[:nd] = od.reshape(S, H, D)
+            else:
+                out[g.rows] = od.reshape(S, H, D).to(out.dtype)
+
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                window: int | None) -> torch.Tensor:
         # q (1, T, H, D); k, v (1, T, Hkv, D)
         _, T, H, D = q.shape
         Hkv = k.shape[2]
-        G = H // Hkv
         kb, vb = self.k_blocks[layer_idx], self.v_blocks[layer_idx]
         flat = (-1, Hkv, D)
         kb.view(flat).index_copy_(0, self.slot_mapping, k[0].to(kb.dtype))
@@ -118,20 +136,11 @@ class PagedMeta:
         # attention runs in the pool's dtype (bf16 K/V under an fp32 forward with bf16 linears)
         q, k, v = q.to(kb.dtype), k.to(kb.dtype), v.to(kb.dtype)
         nd = self.num_decodes
-        if self.kernel and nd:
+        if self.kernel and nd:  # one group of all decodes, attended in place in the pool
             g = self.dec_groups[0]
             out[:nd] = cpu_kernels.paged_decode_attention(q[0, :nd], kb, vb, g.blocks, g.ctx_lens, D ** -0.5, window)
-        for gi, g in enumerate([] if self.kernel else self.dec_groups):
-            qg = q[0, :nd] if g.rows is None else q[0, g.rows]
-            S = qg.shape[0]
-            qd = qg.view(S, Hkv, G, D)  # (S, Hkv, G, D): G query heads per kv head
-            kd = self.gather(kb, g.blocks).transpose(1, 2)  # (S, Hkv, Lmax, D)
-            vd = self.gather(vb, g.blocks).transpose(1, 2)
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self._decode_mask(gi, window))
-            if g.rows is None:
-                out[:nd] = od.reshape(S, H, D)
-            else:
-                out[g.rows] = od.reshape(S, H, D).to(out.dtype)
+        elif nd:
+            self._decode_sdpa(q, kb, vb, out, window)
         for start, n, n_before, ctx_blocks in self.prefills:
             qs = q[:, start:start + n].transpose(1, 2)  # (1, H, n, D)
             if ctx_blocks is None:  # the chunk is the whole context
@@ -166,8 +175,7 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.kv_dtype = kv_dtype or model.dtype
         self.device = model.device
-        probe = torch.empty(0, dtype=self.kv_dtype, device=self.device)
-        self.use_kernel = cpu_kernels.supports(probe, probe) and cpu_kernels.load() is not None
+        self.use_kernel = cpu_kernels.supports(self.kv_dtype, self.device) and cpu_kernels.load() is not None
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(cfg.num_layers)]
         self.v_cache = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(cfg.num_layers)]

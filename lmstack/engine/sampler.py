@@ -10,9 +10,9 @@ Order of operations on each row's logits (float32):
      k-th value kept), top-p (keep the smallest prefix of the sorted distribution whose mass
      reaches top_p: a token is dropped when the mass strictly before it is already >= top_p);
   5. one uniform draw per row from the row's own torch.Generator, mapped through the row's CDF
-     (inverse-transform sampling; the CDF in two levels, over blocks of tokens and then inside one). Each row consumes exactly one number from its own generator and
-     every operation above is row-wise, so a seeded request samples the same tokens whatever else
-     is in the batch.
+     (inverse-transform sampling; the CDF in two levels, over blocks of tokens and then inside one).
+     Each row consumes exactly one number from its own generator and every operation above is
+     row-wise, so a seeded request samples the same tokens whatever else is in the batch.
 Log-probabilities (`logprobs=N`) are those of the raw model distribution (before penalties and
 temperature), as in vLLM: the sampled token plus the top N, each with its rank.
 """
