@@ -4,6 +4,8 @@
   engine's block pool (PagedAttention), instead of gathering a padded copy first.
 - csrc/fused_elementwise.cpp: RMSNorm (+ residual add), silu(gate) * up and RoPE as one call each,
   for CPU inference (no autograd) in float32 / bfloat16.
+- csrc/decode_layers.cpp: every decoder layer of a pure-decode engine step in one call, without
+  returning to Python between ops (engine/cpu_decode.py decides when it applies).
 The build needs a C++ compiler (g++ / clang++); it takes ~20-40 s once and is cached by PyTorch
 (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions). Without a compiler, on other devices,
 or with LMSTACK_CPU_KERNELS=0, the PyTorch ops run instead: same results up to float rounding.
@@ -23,7 +25,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = ("module.cpp", "paged_decode_attention.cpp", "fused_elementwise.cpp")
+_SOURCES = ("module.cpp", "paged_decode_attention.cpp", "fused_elementwise.cpp", "decode_layers.cpp")
 _lock = threading.Lock()
 _module: ModuleType | None = None
 _failed = False
@@ -126,3 +128,9 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, hea
     head_dim) (a fused qkv output: q then k heads); cos, sin (..., head_dim) in x's dtype."""
     _module.rope_(x.reshape(-1, x.shape[-1]), cos.reshape(-1, head_dim).contiguous(),
                   sin.reshape(-1, head_dim).contiguous(), heads, head_dim)
+
+
+def decode_layers(*args):
+    """Every decoder layer of a pure-decode engine step in one call; arguments as in
+    csrc/decode_layers.cpp (built by engine/cpu_decode.py)."""
+    return _module.decode_layers(*args)

@@ -17,6 +17,8 @@ k/v into the paged pool at `slot_mapping` (slot = block_id * block_size + offset
     the query offset (chunked prefill, prefix-cache hit, recompute after preemption).
 Only the hidden state of the last token of each sequence that completes its pending tokens goes
 through the LM head: never full-vocab logits for every prompt token.
+A step of decodes only, on CPU, skips the Python forward when the model allows: engine/cpu_decode.py
+runs every layer in one C++ call with the same kernels and the same results.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from lmstack import cpu_kernels
+from lmstack.engine.cpu_decode import CppDecode
 from lmstack.model.attention import attention
 from lmstack.model.layers import bf16_packing_supported, fuse_projections, pack_weights
 from lmstack.model.transformer import Transformer
@@ -176,6 +179,8 @@ class ModelRunner:
         self.kv_dtype = kv_dtype or model.dtype
         self.device = model.device
         self.use_kernel = cpu_kernels.supports(self.kv_dtype, self.device) and cpu_kernels.load() is not None
+        # pure-decode steps: every layer in one C++ call when the model allows (see engine/cpu_decode.py)
+        self.cpp_decode = CppDecode(model) if self.use_kernel else None
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(cfg.num_layers)]
         self.v_cache = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(cfg.num_layers)]
@@ -249,9 +254,16 @@ class ModelRunner:
             last_index.append(row_start + n - 1)
         tokens = torch.tensor(flat_tokens, dtype=torch.long, device=self.device)[None]
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)[None]
-        meta = PagedMeta(self.k_cache, self.v_cache, torch.cat(slot_list).to(self.device), nd, dec_groups,
-                         prefills, self.kv_dtype, kernel=self.use_kernel)
-        hidden = self.model(tokens, pos, meta=meta)  # (1, T, D)
+        slots = torch.cat(slot_list).to(self.device)
+        plan = self.cpp_decode.plan() if self.use_kernel and self.cpp_decode and nd == len(token_ids) else None
+        if plan is not None:
+            g = dec_groups[0]
+            hidden = self.cpp_decode.run(plan, tokens[0], pos[0], self.k_cache, self.v_cache, slots, g.blocks,
+                                         g.ctx_lens)[None]  # (1, T, D)
+        else:
+            meta = PagedMeta(self.k_cache, self.v_cache, slots, nd, dec_groups, prefills, self.kv_dtype,
+                             kernel=self.use_kernel)
+            hidden = self.model(tokens, pos, meta=meta)  # (1, T, D)
         rows = [last_index[i] for i in range(len(token_ids)) if sample_mask[i]]
         if not rows:
             return torch.empty(0, self.model.config.vocab_size)

@@ -89,15 +89,19 @@ class PackedWeight:
     def drop(self) -> None:
         self._key = self._packed = None
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               sources: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def get(self, weight: torch.Tensor, sources: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The packed copy of `weight`, rebuilt first if a source changed since it was made."""
         key = tuple((t.data_ptr(), t._version) for t in sources)
         if key != self._key:
             self._packed = None  # free the old copy before building the new one
             w = weight.detach().to(torch.bfloat16)  # no copy when already bf16
             self._packed = torch.ops.mkldnn._reorder_linear_weight(w, self.HINT)
             self._key = key
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed, bias, "none", [], "")
+        return self._packed
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               sources: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.get(weight, sources), bias, "none", [], "")
 
 
 def _project(packed: PackedWeight | None, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -1,0 +1,132 @@
+// Every decoder layer of one pure-decode engine step in a single call: the CPU counterpart of replaying
+// a captured CUDA graph. A decode step of a small model is mostly interpreter overhead: the Python
+// forward runs ~20 module calls and tensor ops per layer, ~0.2-0.3 ms of Python per layer on these
+// machines against ~0.3 ms of weight streaming (SmolLM2-135M shape, 32 sequences). Here the same ops
+// run back to back from C++, with the same kernels and the same rounding points as
+// model/transformer.py's eager path (tests/test_cpu_decode.py compares the two bit for bit):
+//   h = rms_norm(x)                          (the previous layer's residual add is fused in: add_rms_norm)
+//   qkv = h Wqkv^T (+ b)   RoPE in place on the q and k heads
+//   k, v -> the paged pool at their slots;  o = paged_decode_attention(q, pool)
+//   x, h = add_rms_norm(x, o Wo^T (+ b))
+//   delta = silu_mul(h Wgu^T (+ b)) Wdown^T (+ b)      (added to x by the next layer's norm)
+// Linears go through the same oneDNN op the Python path calls (mkldnn::_linear_pointwise, via the
+// dispatcher), on oneDNN-packed bf16 copies when the engine has them.
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include "kernels.h"
+#include "simd.h"
+
+namespace {
+
+// How a projection is computed; mirrors model/layers.py `_project` / `linear`.
+enum LinearMode : int64_t {
+  kPlain = 0,       // at::linear (no oneDNN)
+  kOneDNN = 1,      // oneDNN inner product on the plain weight (fp32 inference)
+  kPacked = 2,      // oneDNN on a packed bf16 weight, bf16 activations
+  kPackedFp32 = 3,  // packed bf16 weight, fp32 activations: x rounded to bf16, result back to fp32, then + bias
+};
+
+at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  torch::jit::Stack st;
+  st.reserve(6);
+  st.emplace_back(x);
+  st.emplace_back(w);
+  st.emplace_back(b.has_value() ? c10::IValue(*b) : c10::IValue());
+  st.emplace_back(std::string("none"));
+  st.emplace_back(c10::List<std::optional<at::Scalar>>());
+  st.emplace_back(c10::IValue());
+  op.callBoxed(&st);
+  return st[0].toTensor();
+}
+
+at::Tensor project(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b, int64_t mode) {
+  switch (mode) {
+    case kOneDNN:
+    case kPacked:
+      return onednn_linear(x, w, b);
+    case kPackedFp32: {
+      at::Tensor y = onednn_linear(x.to(at::kBFloat16), w, std::nullopt).to(at::kFloat);
+      return b.has_value() ? y.add_(*b) : y;
+    }
+    default:
+      return at::linear(x, w, b);
+  }
+}
+
+// pool row slots[s] <- src row s (n values from column `col` of a row-major (S, width) tensor), converted
+// to the pool's dtype with round-to-nearest-even (what Tensor.to does)
+template <typename T, typename KV>
+void write_rows(const T* src, int64_t src_stride, KV* pool, const int64_t* slots, int64_t S, int64_t n) {
+  for (int64_t s = 0; s < S; ++s) {
+    const T* r = src + s * src_stride;
+    KV* dst = pool + slots[s] * n;
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<KV>(to_f32(r[i]));
+  }
+}
+
+void write_kv(const at::Tensor& qkv, int64_t col, int64_t n, at::Tensor& pool, const at::Tensor& slots) {
+  const int64_t S = qkv.size(0), stride = qkv.stride(0);
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  auto go = [&](auto* src) {
+    if (pool.scalar_type() == at::kFloat)
+      write_rows(src + col, stride, pool.data_ptr<float>(), sl, S, n);
+    else
+      write_rows(src + col, stride, pool.data_ptr<at::BFloat16>(), sl, S, n);
+  };
+  if (qkv.scalar_type() == at::kFloat)
+    go(qkv.data_ptr<float>());
+  else
+    go(qkv.data_ptr<at::BFloat16>());
+}
+
+}  // namespace
+
+// x (S, C): the step's token embeddings; cos, sin (S, D) in x's dtype. Per layer l: norm weights, the fused
+// q/k/v, o, fused gate/up and down weights (as `modes` says: plain, or oneDNN-packed) with optional biases,
+// and the layer's K/V pools (num_blocks, block_size, Hkv, D). slots (S,): pool slot of each new token;
+// block_tables (S, nblk), ctx_lens (S,) as paged_decode_attention takes them. Returns the final-norm
+// hidden states (S, C).
+torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor sin,
+                            const std::vector<torch::Tensor>& in_norm, const std::vector<torch::Tensor>& post_norm,
+                            torch::Tensor final_norm, const std::vector<torch::Tensor>& qkv_w,
+                            const std::vector<std::optional<torch::Tensor>>& qkv_b, const std::vector<torch::Tensor>& o_w,
+                            const std::vector<std::optional<torch::Tensor>>& o_b, const std::vector<torch::Tensor>& gu_w,
+                            const std::vector<std::optional<torch::Tensor>>& gu_b, const std::vector<torch::Tensor>& down_w,
+                            const std::vector<std::optional<torch::Tensor>>& down_b, int64_t mode,
+                            const std::vector<torch::Tensor>& k_pools, const std::vector<torch::Tensor>& v_pools,
+                            torch::Tensor slots, torch::Tensor block_tables, torch::Tensor ctx_lens, int64_t H,
+                            int64_t Hkv, int64_t D, double eps, double scale, int64_t window) {
+  const size_t L = in_norm.size();
+  TORCH_CHECK(post_norm.size() == L && qkv_w.size() == L && qkv_b.size() == L && o_w.size() == L && o_b.size() == L &&
+                  gu_w.size() == L && gu_b.size() == L && down_w.size() == L && down_b.size() == L &&
+                  k_pools.size() == L && v_pools.size() == L,
+              "one entry per layer in every list");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be (S, C) contiguous");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == x.size(0), "slots");
+  const int64_t S = x.size(0);
+  const auto act = x.scalar_type();
+  at::Tensor delta;  // the previous layer's MLP output, not yet added to x
+  for (size_t l = 0; l < L; ++l) {
+    at::Tensor h;
+    if (delta.defined())
+      std::tie(x, h) = add_rms_norm(x, delta, in_norm[l], eps);
+    else
+      h = rms_norm(x, in_norm[l], eps);
+    at::Tensor qkv = project(h, qkv_w[l], qkv_b[l], mode);  // (S, (H + 2 Hkv) D)
+    rope_(qkv, cos, sin, H + Hkv, D);
+    at::Tensor kp = k_pools[l], vp = v_pools[l];
+    TORCH_CHECK(kp.is_contiguous() && vp.is_contiguous() && kp.size(2) * kp.size(3) == Hkv * D, "pool layout");
+    write_kv(qkv, H * D, Hkv * D, kp, slots);
+    write_kv(qkv, (H + Hkv) * D, Hkv * D, vp, slots);
+    // attention runs in the pool's dtype (bf16 K/V under an fp32 forward with bf16 linears)
+    at::Tensor q = qkv.narrow(1, 0, H * D).to(kp.scalar_type()).contiguous().view({S, H, D});
+    at::Tensor o = paged_decode_attention(q, kp, vp, block_tables, ctx_lens, scale, window);  // (S, H, D)
+    at::Tensor a = project(o.view({S, H * D}).to(act), o_w[l], o_b[l], mode);
+    std::tie(x, h) = add_rms_norm(x, a, post_norm[l], eps);
+    delta = project(silu_mul(project(h, gu_w[l], gu_b[l], mode)), down_w[l], down_b[l], mode);
+  }
+  if (!delta.defined()) return rms_norm(x, final_norm, eps);
+  return std::get<1>(add_rms_norm(x, delta, final_norm, eps));
+}

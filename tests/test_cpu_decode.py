@@ -1,0 +1,107 @@
+"""The engine's one-call C++ decode step (engine/cpu_decode.py, csrc/decode_layers.cpp) against the eager
+forward it replaces: the same decode step run both ways must give bit-identical logits, in every linear
+mode (fp32 oneDNN, packed bf16, bf16 linears under an fp32 model), with biases, GQA and a sliding window.
+Models the C++ loop does not compute (LoRA swaps, GPT-2, q/k norms) must take the eager path."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmstack import cpu_kernels
+from lmstack.config import ModelConfig
+from lmstack.engine.llm import LLM
+from lmstack.engine.sampling_params import SamplingParams
+from lmstack.model import layers
+from lmstack.model.transformer import Transformer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    if cpu_kernels.load() is None:
+        pytest.skip("the C++ kernels could not be built here (no compiler?); the engine uses its PyTorch path")
+
+
+def tiny(**over) -> Transformer:
+    cfg = dict(vocab_size=200, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4, num_kv_heads=2,
+               max_position_embeddings=512, eos_token_id=0)
+    cfg.update(over)
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(**cfg))
+    m.init_weights(0.2)  # larger than the default so logits are not flat
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if p.dim() == 1:  # norm weights and biases away from 1 / 0
+                p.add_(torch.randn_like(p) * 0.2)
+    return m.eval()
+
+
+def decode_steps_both_ways(llm: LLM, prompts: list[list[int]], steps: int = 4) -> int:
+    """Generate with the engine; on every pure-decode step also run the eager path on the same inputs and
+    compare logits exactly (the K/V written twice is the same data in the same slots). Returns how many
+    steps were compared."""
+    runner = llm.runner
+    execute, cpp = runner.execute, runner.cpp_decode
+    compared = 0
+
+    def both(token_ids, starts, block_tables, sample_mask):
+        nonlocal compared
+        fast = execute(token_ids, starts, block_tables, sample_mask)
+        if all(len(t) == 1 for t in token_ids):
+            runner.cpp_decode = None
+            try:
+                eager = execute(token_ids, starts, block_tables, sample_mask)
+            finally:
+                runner.cpp_decode = cpp
+            assert fast.dtype == eager.dtype
+            assert torch.equal(fast, eager), (fast.float() - eager.float()).abs().max()
+            compared += 1
+        return fast
+
+    runner.execute = both
+    try:
+        before = cpp.steps
+        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True))
+        assert cpp.steps - before == compared  # every compared step really went through C++
+    finally:
+        runner.execute = execute
+    return compared
+
+
+PROMPTS = [[5, 6, 7], list(range(1, 40)), [9] * 17, list(range(100, 131))]
+
+
+@pytest.mark.parametrize("model_dtype,engine_dtype", [
+    (torch.float32, "float32"),    # oneDNN fp32 linears
+    (torch.bfloat16, "bfloat16"),  # packed bf16 linears (where oneDNN has bf16)
+    (torch.float32, "bfloat16"),   # fp32 model, bf16 linears and K/V (RL rollouts)
+])
+@pytest.mark.parametrize("over", [
+    dict(),
+    dict(model_type="qwen2", qkv_bias=True, num_kv_heads=1),  # MQA + q/k/v bias
+    dict(sliding_window=8, o_bias=True, mlp_bias=True, tie_embeddings=True),
+], ids=["llama-gqa", "qwen2-bias-mqa", "window-biases"])
+def test_cpp_decode_equals_eager_forward(model_dtype, engine_dtype, over):
+    if engine_dtype == "bfloat16" and not layers.bf16_packing_supported():
+        pytest.skip("no native bf16 oneDNN path on this CPU")
+    m = tiny(**over).to(model_dtype)
+    llm = LLM.from_model(m, dtype=engine_dtype, block_size=8, num_kv_blocks=64)
+    assert llm.runner.cpp_decode.plan() is not None
+    assert decode_steps_both_ways(llm, PROMPTS) >= 3
+
+
+def test_models_it_does_not_compute_take_the_eager_path():
+    from lmstack.model.lora import LoraSpec, apply_lora
+
+    m = tiny()
+    llm = LLM.from_model(m, dtype="float32", block_size=8, num_kv_blocks=64)
+    cpp = llm.runner.cpp_decode
+    assert cpp.plan() is not None
+    apply_lora(m, LoraSpec(r=2, target_modules=["q_proj", "down_proj"]))
+    assert cpp.plan() is None  # swapped modules: the fused weights no longer describe the model
+    before = cpp.steps
+    llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert cpp.steps == before
+    for over in (dict(qk_norm=True, model_type="qwen3"), dict(model_type="gpt2", pos="learned", norm="layer",
+                                                                act="gelu_new", gated_mlp=False)):
+        llm = LLM.from_model(tiny(**over), dtype="float32", block_size=8, num_kv_blocks=64)
+        assert llm.runner.cpp_decode.plan() is None
