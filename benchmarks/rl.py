@@ -6,7 +6,7 @@ lmstack engine versus through HF transformers `generate` (what TRL does without 
                                        # the HF column times generation only (the rest is the same code)
     python benchmarks/rl.py --stop-ids 2000   # variable completion lengths (see below)
     python benchmarks/rl.py --gen-only --stages grpo --prompts 2 --prompt-len 384 --max-tokens 16  # long prompts
-    python benchmarks/rl.py --rollout-dtype bf16   # bf16 rollouts from the fp32 policy (CPUs with native bf16)
+    python benchmarks/rl.py --rollout-dtype fp32   # fp32 rollouts (default: bf16 where the CPU has native bf16)
 
 Both columns run the same stage code (lmstack/train/algos/grpo.py, ppo.py); only the rollout backend
 differs. The HF model is built over the SAME parameter tensors as the policy (load_state_dict with
@@ -16,11 +16,11 @@ token ids (the vocabulary is SmolLM2's 49152); the reward of a completion is a c
 of its token ids (GRPO: share of even ids; PPO: a random-weight reward model of the same shape).
 Target: the generation phase >= 3x faster with the lmstack engine.
 
-Precision: the policy trains in fp32. `--rollout-dtype fp32` (default) generates in fp32 in both
-columns. `--rollout-dtype bf16` is what mixed-precision training does: the engine runs its linears on
-packed bf16 roundings of the live fp32 weights (`LLM.from_model(policy, dtype="bfloat16")`, set by
-`algo.engine_args`), and HF generate runs under `torch.autocast(bf16)`, as TRL's generate does under
-Accelerate's bf16 mixed precision.
+Precision: the policy trains in fp32. `--rollout-dtype bf16` (the default on CPUs with native bf16,
+AVX512-BF16 / AMX, as for the engine's and train.py's defaults) is what mixed-precision training
+does: the engine runs its linears on packed bf16 roundings of the live fp32 weights
+(`LLM.from_model(policy, dtype="bfloat16")`, set by `algo.engine_args`), and HF generate runs under
+`torch.autocast(bf16)`, as TRL's generate does under Accelerate's bf16 mixed precision. `--rollout-dtype fp32` generates in fp32 in both columns.
 
 Random weights never say EOS, so by default every completion runs to max_tokens (equal work, the
 worst case for continuous batching). Real RL completions end at very different lengths; `--stop-ids
@@ -215,8 +215,9 @@ def main() -> int:
     ap.add_argument("--stages", default="grpo,ppo")
     ap.add_argument("--gen-only", action="store_true", help="time only the generation phase in both columns")
     ap.add_argument("--grad-accum", type=int, default=4, help="micro-batches the rollout trains in (one step)")
-    ap.add_argument("--rollout-dtype", choices=("fp32", "bf16"), default="fp32",
-                    help="generation precision in both columns (the policy trains in fp32; see above)")
+    ap.add_argument("--rollout-dtype", choices=("fp32", "bf16"), default=None,
+                    help="generation precision in both columns (the policy trains in fp32; see above); default "
+                         "bf16 on CPUs with native bf16, else fp32")
     ap.add_argument("--stop-ids", type=int, default=0, help="token ids 1..N also end a completion (variable lengths)")
     a = ap.parse_args()
     sizes = dict(prompts=(8, 4), G=(8, 4), ppo_prompts=(32, 16), prompt_len=(64, 32), max_tokens=(128, 32))
@@ -224,6 +225,10 @@ def main() -> int:
         if getattr(a, k) is None:
             setattr(a, k, quick if a.quick else full)
     torch.set_num_threads(a.threads)
+    if a.rollout_dtype is None:
+        from lmstack.engine.llm import default_cpu_dtype
+
+        a.rollout_dtype = "bf16" if default_cpu_dtype() == torch.bfloat16 else "fp32"
     if not (BENCH_DIR / "config.json").is_file():
         raise SystemExit(f"missing {BENCH_DIR / 'config.json'} (the SmolLM2-135M shape)")
     cfg = ModelConfig.from_hf(BENCH_DIR)

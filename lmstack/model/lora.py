@@ -95,9 +95,10 @@ class LoRALinear(nn.Module):
         self.r = r
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # Adapter weights in fp32 (or the base's float dtype) even when the base is quantized.
-        w = getattr(base, "weight", None)
-        dtype = w.dtype if isinstance(w, torch.Tensor) and w.is_floating_point() else torch.float32
+        # Adapter weights in fp32 whatever the base's dtype (16-bit or quantized), as PEFT does by default
+        # (autocast_adapter_dtype): AdamW updates of small adapter weights are lost to bf16 rounding.
+        # Under autocast the matmuls still run in bf16.
+        dtype = torch.float32
         device = next((t.device for t in list(base.parameters()) + list(base.buffers())), torch.device("cpu"))
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
