@@ -7,7 +7,10 @@ Each row times one call both ways in the same run (median of repeated calls) and
   - residual add + RMSNorm, silu(gate) * up, RoPE on q and k: a decode step's 64 rows and a 2,048-token
     prefill chunk at Qwen2.5-0.5B's sizes;
   - sampling at temperature 1 from (64, V) logits: the old full softmax + float64 cumsum vs the
-    sampler's two-level CDF.
+    sampler's two-level CDF;
+  - a whole engine decode step (1 and 32 sequences, SmolLM2-135M shape, all 30 layers, random
+    weights): the eager forward through PagedMeta vs every layer in one C++ call (csrc/decode_layers.cpp),
+    same runner, same inputs.
 
     python benchmarks/cpu_kernels.py [--dtype bfloat16|float32]
 """
@@ -24,7 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks._engine_common import random_model  # noqa: E402
 from lmstack import cpu_kernels  # noqa: E402
+from lmstack.config import ModelConfig  # noqa: E402
+from lmstack.engine.llm import LLM  # noqa: E402
 from lmstack.engine.model_runner import PagedMeta  # noqa: E402
 from lmstack.engine.sampler import SampleRow, Sampler  # noqa: E402
 from lmstack.engine.sampling_params import SamplingParams  # noqa: E402
@@ -65,6 +71,39 @@ def attention_case(dt: torch.dtype, S: int, H: int, Hkv: int, D: int, lens: tupl
         return cpu_kernels.paged_decode_attention(q, k_pool, v_pool, tables, ctx, D ** -0.5, None)
 
     return pytorch, kernel
+
+
+SMOLLM2 = Path(__file__).resolve().parents[2] / "shared" / "bench_models" / "smollm2-135m"
+
+
+def decode_step_case(dt: torch.dtype, rows: int):
+    """One decode step of `rows` sequences (100-token prompts): the runner's eager forward and its C++ loop."""
+    model = random_model(ModelConfig.from_hf(SMOLLM2), dt)
+    llm = LLM.from_model(model)
+    runner = llm.runner
+    execute, cpp = runner.execute, runner.cpp_decode
+    steps: list[tuple] = []
+
+    def capture(*args):
+        steps.append(args)
+        return execute(*args)
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 49152, (100,), generator=g).tolist() for _ in range(rows)]
+    runner.execute = capture
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    runner.execute = execute
+    args = steps[-1]  # the last step: every sequence decoding
+    assert all(len(t) == 1 for t in args[0]) and cpp is not None and cpp.plan() is not None
+
+    def eager():
+        runner.cpp_decode = None
+        try:
+            return execute(*args)
+        finally:
+            runner.cpp_decode = cpp
+
+    return eager, lambda: execute(*args)
 
 
 def main() -> None:
@@ -116,6 +155,10 @@ def main() -> None:
 
             sample_rows = [SampleRow(SamplingParams(temperature=1.0), g_) for g_ in gens]
             rows.append((f"sampling at T=1, 64 x {V}", timed(old), timed(lambda: Sampler()(logits, sample_rows))))
+        if SMOLLM2.is_dir():
+            for R in (1, 32):
+                e, c = decode_step_case(dt, R)
+                rows.append((f"decode step, {R} seq(s), SmolLM2-135M shape, 30 layers", timed(e, 20), timed(c, 20)))
 
     print(f"lmstack C++ CPU kernels vs the PyTorch ops they replace ({a.dtype}, {torch.get_num_threads()} threads; "
           "median per call)\n")

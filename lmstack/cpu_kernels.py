@@ -5,7 +5,7 @@
 - csrc/fused_elementwise.cpp: RMSNorm (+ residual add), silu(gate) * up and RoPE as one call each,
   for CPU inference (no autograd) in float32 / bfloat16.
 - csrc/decode_layers.cpp: every decoder layer of a pure-decode engine step in one call, without
-  returning to Python between ops (engine/cpu_decode.py decides when it applies).
+  returning to Python between ops (engine/model_runner.py CppDecode decides when it applies).
 The build needs a C++ compiler (g++ / clang++); it takes ~20-40 s once and is cached by PyTorch
 (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions). Without a compiler, on other devices,
 or with LMSTACK_CPU_KERNELS=0, the PyTorch ops run instead: same results up to float rounding.
@@ -132,5 +132,5 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, hea
 
 def decode_layers(*args):
     """Every decoder layer of a pure-decode engine step in one call; arguments as in
-    csrc/decode_layers.cpp (built by engine/cpu_decode.py)."""
+    csrc/decode_layers.cpp (see engine/model_runner.py CppDecode)."""
     return _module.decode_layers(*args)

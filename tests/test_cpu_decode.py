@@ -1,4 +1,4 @@
-"""The engine's one-call C++ decode step (engine/cpu_decode.py, csrc/decode_layers.cpp) against the eager
+"""The engine's one-call C++ decode step (engine/model_runner.py CppDecode, csrc/decode_layers.cpp) against the eager
 forward it replaces: the same decode step run both ways must give bit-identical logits, in every linear
 mode (fp32 oneDNN, packed bf16, bf16 linears under an fp32 model), with biases, GQA and a sliding window.
 Models the C++ loop does not compute (LoRA swaps, GPT-2, q/k norms) must take the eager path."""
