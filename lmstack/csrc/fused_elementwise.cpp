@@ -17,18 +17,20 @@
 
 namespace {
 
-// x (R, C) rows at stride xs; y (optional) rows at stride ys; s (new residual, optional) and out (R, C)
-template <typename T>
-void norm_rows(const T* x, int64_t xs, const T* y, int64_t ys, T* s, const T* w, T* out, int64_t R, int64_t C,
+// x (R, C) rows at stride xs; y (optional) rows at stride ys; s (new residual, optional) and out (R, C).
+// T is the activations' dtype (x, s, w; the rounding points); y and out may be wider / narrower copies
+// (Y, O: see add_rms_norm_mixed).
+template <typename T, typename Y = T, typename O = T>
+void norm_rows(const T* x, int64_t xs, const Y* y, int64_t ys, T* s, const T* w, O* out, int64_t R, int64_t C,
                float eps) {
   const bool avx = cpu_has_avx512();
   at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * xs;
       T* sr = s ? s + r * C : nullptr;
-      T* orow = out + r * C;
+      O* orow = out + r * C;
       if (y) {  // the residual sum, rounded as x + y in T would be
-        const T* yr = y + r * ys;
+        const Y* yr = y + r * ys;
         for (int64_t c = 0; c < C; ++c) sr[c] = static_cast<T>(to_f32(xr[c]) + to_f32(yr[c]));
         xr = sr;
       }
@@ -44,19 +46,21 @@ void norm_rows(const T* x, int64_t xs, const T* y, int64_t ys, T* s, const T* w,
           store16(orow + k, _mm512_mul_ps(load16(w + k), rnd(_mm512_mul_ps(load16(xr + k), iv), T())));
         return k;
       }();
-      for (; c < C; ++c) orow[c] = static_cast<T>(to_f32(w[c]) * rnd1(to_f32(xr[c]) * inv, T()));
+      for (; c < C; ++c) orow[c] = static_cast<O>(to_f32(w[c]) * rnd1(to_f32(xr[c]) * inv, T()));
     }
   });
 }
 
-template <typename T>
-void silu_mul_rows(const T* gu, int64_t gs, T* out, int64_t R, int64_t I) {
+// T: the dtype silu(gate) is rounded to before the product (the eager chain's dtype); In / Out: storage
+// of gate_up and the result (see silu_mul_bf16_fp32)
+template <typename T, typename In = T, typename Out = T>
+void silu_mul_rows(const In* gu, int64_t gs, Out* out, int64_t R, int64_t I) {
   const bool avx = cpu_has_avx512();
   at::parallel_for(0, R, 8, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const T* g = gu + r * gs;
-      const T* u = g + I;
-      T* o = out + r * I;
+      const In* g = gu + r * gs;
+      const In* u = g + I;
+      Out* o = out + r * I;
       int64_t i = 0;
       if (avx) i = [&]() AVX512 {
         int64_t k = 0;
@@ -70,7 +74,7 @@ void silu_mul_rows(const T* gu, int64_t gs, T* out, int64_t R, int64_t I) {
       }();
       for (; i < I; ++i) {
         const float gv = to_f32(g[i]);
-        o[i] = static_cast<T>(rnd1(gv / (1.f + std::exp(-gv)), T()) * to_f32(u[i]));
+        o[i] = static_cast<Out>(rnd1(gv / (1.f + std::exp(-gv)), T()) * to_f32(u[i]));
       }
     }
   });
@@ -133,8 +137,9 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(1) && weight.scalar_type() == x.scalar_type(), "weight");
   auto out = torch::empty({x.size(0), x.size(1)}, x.options());
   DISPATCH_F32_BF16(x.scalar_type(), [&] {
-    norm_rows<scalar_t>(x.data_ptr<scalar_t>(), x.stride(0), nullptr, 0, nullptr, weight.data_ptr<scalar_t>(),
-                        out.data_ptr<scalar_t>(), x.size(0), x.size(1), static_cast<float>(eps));
+    norm_rows<scalar_t>(x.data_ptr<scalar_t>(), x.stride(0), static_cast<const scalar_t*>(nullptr), 0, nullptr,
+                        weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), x.size(0), x.size(1),
+                        static_cast<float>(eps));
   });
   return out;
 }
@@ -176,4 +181,54 @@ void rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t heads,
     rope_rows<scalar_t>(x.data_ptr<scalar_t>(), x.stride(0), cos.data_ptr<scalar_t>(), sin.data_ptr<scalar_t>(),
                         x.size(0), heads, D);
   });
+}
+
+// The fp32-activation forward with bf16 linears (decode_layers' kPackedFp32 mode) rounds a normed row to
+// bf16 right before each linear and widens a bf16 linear output right after it. These two entry points
+// fold those casts into the kernels; both casts are exact or round once, so results equal the eager
+// chain's.
+
+// x (R, C) float32; y (optional) float32 or bfloat16; weight float32. Returns (x + y, or undefined
+// without y; rms_norm of it rounded to out_dtype).
+std::tuple<torch::Tensor, torch::Tensor> add_rms_norm_mixed(torch::Tensor x, std::optional<torch::Tensor> y,
+                                                            torch::Tensor weight, double eps, at::ScalarType out_dtype) {
+  check_rows(x, "x");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && weight.scalar_type() == torch::kFloat && weight.is_contiguous() &&
+                  weight.numel() == x.size(1), "float32 x and weight");
+  auto out = torch::empty({x.size(0), x.size(1)}, x.options().dtype(out_dtype));
+  torch::Tensor s;
+  if (y.has_value()) {
+    check_rows(*y, "y");
+    TORCH_CHECK(y->sizes() == x.sizes(), "x and y must match");
+    s = torch::empty_like(out, x.options());
+  }
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* sp = y.has_value() ? s.data_ptr<float>() : nullptr;
+  const int64_t R = x.size(0), C = x.size(1), ys = y.has_value() ? y->stride(0) : 0;
+  auto go = [&](auto* yp) {
+    if (out_dtype == torch::kBFloat16)
+      norm_rows<float>(xp, x.stride(0), yp, ys, sp, wp, out.data_ptr<at::BFloat16>(), R, C, static_cast<float>(eps));
+    else
+      norm_rows<float>(xp, x.stride(0), yp, ys, sp, wp, out.data_ptr<float>(), R, C, static_cast<float>(eps));
+  };
+  if (!y.has_value())
+    go(static_cast<const float*>(nullptr));
+  else if (y->scalar_type() == torch::kBFloat16)
+    go(y->data_ptr<at::BFloat16>());
+  else
+    go(y->data_ptr<float>());
+  return {s, out};
+}
+
+// gate_up (R, 2I) bfloat16 -> silu(gate) * up (R, I) bfloat16, computed in float32 with no rounding in
+// between: what the eager fp32 chain gives after widening gate_up and before rounding for the next linear.
+torch::Tensor silu_mul_bf16_fp32(torch::Tensor gate_up) {
+  check_rows(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.scalar_type() == torch::kBFloat16 && gate_up.size(1) % 2 == 0, "bfloat16 gate_up of even width");
+  const int64_t I = gate_up.size(1) / 2;
+  auto out = torch::empty({gate_up.size(0), I}, gate_up.options());
+  silu_mul_rows<float>(gate_up.data_ptr<at::BFloat16>(), gate_up.stride(0), out.data_ptr<at::BFloat16>(),
+                       gate_up.size(0), I);
+  return out;
 }

@@ -12,6 +12,9 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torc
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
 std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(torch::Tensor x, torch::Tensor y, torch::Tensor weight, double eps);
 torch::Tensor silu_mul(torch::Tensor gate_up);
+std::tuple<torch::Tensor, torch::Tensor> add_rms_norm_mixed(torch::Tensor x, std::optional<torch::Tensor> y,
+                                                            torch::Tensor weight, double eps, at::ScalarType out_dtype);
+torch::Tensor silu_mul_bf16_fp32(torch::Tensor gate_up);
 void rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t heads, int64_t D);
 torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor sin,
                             const std::vector<torch::Tensor>& in_norm, const std::vector<torch::Tensor>& post_norm,
