@@ -6,7 +6,7 @@
   for CPU inference (no autograd) in float32 / bfloat16.
 - csrc/decode_layers.cpp: every decoder layer of a pure-decode engine step in one call, without
   returning to Python between ops (engine/model_runner.py CppDecode decides when it applies).
-The build needs a C++ compiler (g++ / clang++); it takes ~20-40 s once and is cached by PyTorch
+The build needs a C++ compiler (g++ / clang++); it takes ~30 s once on 2 cores and is cached by PyTorch
 (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions). Without a compiler, on other devices,
 or with LMSTACK_CPU_KERNELS=0, the PyTorch ops run instead: same results up to float rounding.
 """

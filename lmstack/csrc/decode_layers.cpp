@@ -31,7 +31,7 @@ enum LinearMode : int64_t {
 at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
   static const c10::OperatorHandle op =
       c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
-  torch::jit::Stack st;
+  std::vector<c10::IValue> st;  // the boxed call stack (torch::jit::Stack)
   st.reserve(6);
   st.emplace_back(x);
   st.emplace_back(w);
@@ -98,15 +98,15 @@ void write_kv(const at::Tensor& qkv, int64_t col, int64_t n, at::Tensor& pool, c
 // and the layer's K/V pools (num_blocks, block_size, Hkv, D). slots (S,): pool slot of each new token;
 // block_tables (S, nblk), ctx_lens (S,) as paged_decode_attention takes them. Returns the final-norm
 // hidden states (S, C).
-torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor sin,
-                            const std::vector<torch::Tensor>& in_norm, const std::vector<torch::Tensor>& post_norm,
-                            torch::Tensor final_norm, const std::vector<torch::Tensor>& qkv_w,
-                            const std::vector<std::optional<torch::Tensor>>& qkv_b, const std::vector<torch::Tensor>& o_w,
-                            const std::vector<std::optional<torch::Tensor>>& o_b, const std::vector<torch::Tensor>& gu_w,
-                            const std::vector<std::optional<torch::Tensor>>& gu_b, const std::vector<torch::Tensor>& down_w,
-                            const std::vector<std::optional<torch::Tensor>>& down_b, int64_t mode,
-                            const std::vector<torch::Tensor>& k_pools, const std::vector<torch::Tensor>& v_pools,
-                            torch::Tensor slots, torch::Tensor block_tables, torch::Tensor ctx_lens, int64_t H,
+at::Tensor decode_layers(at::Tensor x, at::Tensor cos, at::Tensor sin,
+                            const std::vector<at::Tensor>& in_norm, const std::vector<at::Tensor>& post_norm,
+                            at::Tensor final_norm, const std::vector<at::Tensor>& qkv_w,
+                            const std::vector<std::optional<at::Tensor>>& qkv_b, const std::vector<at::Tensor>& o_w,
+                            const std::vector<std::optional<at::Tensor>>& o_b, const std::vector<at::Tensor>& gu_w,
+                            const std::vector<std::optional<at::Tensor>>& gu_b, const std::vector<at::Tensor>& down_w,
+                            const std::vector<std::optional<at::Tensor>>& down_b, int64_t mode,
+                            const std::vector<at::Tensor>& k_pools, const std::vector<at::Tensor>& v_pools,
+                            at::Tensor slots, at::Tensor block_tables, at::Tensor ctx_lens, int64_t H,
                             int64_t Hkv, int64_t D, double eps, double scale, int64_t window) {
   const size_t L = in_norm.size();
   TORCH_CHECK(post_norm.size() == L && qkv_w.size() == L && qkv_b.size() == L && o_w.size() == L && o_b.size() == L &&

@@ -116,7 +116,7 @@ void rope_rows(T* x, int64_t xs, const T* cos, const T* sin, int64_t R, int64_t 
 
 // float32 or bfloat16 (check_rows): run `body` with scalar_t bound to the tensor's type
 #define DISPATCH_F32_BF16(dtype, ...)                      \
-  if ((dtype) == torch::kFloat) {                            \
+  if ((dtype) == at::kFloat) {                            \
     using scalar_t = float;                                  \
     __VA_ARGS__();                                           \
   } else {                                                   \
@@ -124,18 +124,18 @@ void rope_rows(T* x, int64_t xs, const T* cos, const T* sin, int64_t R, int64_t 
     __VA_ARGS__();                                           \
   }
 
-void check_rows(const torch::Tensor& t, const char* name) {
+void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, name, " must be 2-D with contiguous rows");
-  TORCH_CHECK(t.scalar_type() == torch::kFloat || t.scalar_type() == torch::kBFloat16, name, ": float32 or bfloat16");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, name, ": float32 or bfloat16");
 }
 
 }  // namespace
 
 // x (R, C) -> (R, C); weight (C,) in x's dtype
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps) {
   check_rows(x, "x");
   TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(1) && weight.scalar_type() == x.scalar_type(), "weight");
-  auto out = torch::empty({x.size(0), x.size(1)}, x.options());
+  auto out = at::empty({x.size(0), x.size(1)}, x.options());
   DISPATCH_F32_BF16(x.scalar_type(), [&] {
     norm_rows<scalar_t>(x.data_ptr<scalar_t>(), x.stride(0), static_cast<const scalar_t*>(nullptr), 0, nullptr,
                         weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), x.size(0), x.size(1),
@@ -145,13 +145,13 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
 }
 
 // (x + y, rms_norm(x + y))
-std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(torch::Tensor x, torch::Tensor y, torch::Tensor weight, double eps) {
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(at::Tensor x, at::Tensor y, at::Tensor weight, double eps) {
   check_rows(x, "x");
   check_rows(y, "y");
   TORCH_CHECK(x.sizes() == y.sizes() && x.scalar_type() == y.scalar_type(), "x and y must match");
   TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(1) && weight.scalar_type() == x.scalar_type(), "weight");
-  auto s = torch::empty({x.size(0), x.size(1)}, x.options());
-  auto out = torch::empty_like(s);
+  auto s = at::empty({x.size(0), x.size(1)}, x.options());
+  auto out = at::empty_like(s);
   DISPATCH_F32_BF16(x.scalar_type(), [&] {
     norm_rows<scalar_t>(x.data_ptr<scalar_t>(), x.stride(0), y.data_ptr<scalar_t>(), y.stride(0), s.data_ptr<scalar_t>(),
                         weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), x.size(0), x.size(1), static_cast<float>(eps));
@@ -160,11 +160,11 @@ std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(torch::Tensor x, torch::Te
 }
 
 // gate_up (R, 2I) = [gate | up] -> silu(gate) * up (R, I)
-torch::Tensor silu_mul(torch::Tensor gate_up) {
+at::Tensor silu_mul(at::Tensor gate_up) {
   check_rows(gate_up, "gate_up");
   TORCH_CHECK(gate_up.size(1) % 2 == 0, "gate_up needs an even width");
   const int64_t I = gate_up.size(1) / 2;
-  auto out = torch::empty({gate_up.size(0), I}, gate_up.options());
+  auto out = at::empty({gate_up.size(0), I}, gate_up.options());
   DISPATCH_F32_BF16(gate_up.scalar_type(), [&] {
     silu_mul_rows<scalar_t>(gate_up.data_ptr<scalar_t>(), gate_up.stride(0), out.data_ptr<scalar_t>(), gate_up.size(0), I);
   });
@@ -172,7 +172,7 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
 }
 
 // in place: the first `heads` heads (head_dim D) of every row of x (R, >= heads * D); cos, sin (R, D)
-void rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t heads, int64_t D) {
+void rope_(at::Tensor x, at::Tensor cos, at::Tensor sin, int64_t heads, int64_t D) {
   check_rows(x, "x");
   TORCH_CHECK(D % 2 == 0 && x.size(1) >= heads * D, "head layout");
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == x.size(0) * D && sin.numel() == cos.numel() &&
@@ -190,31 +190,31 @@ void rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t heads,
 
 // x (R, C) float32; y (optional) float32 or bfloat16; weight float32. Returns (x + y, or undefined
 // without y; rms_norm of it rounded to out_dtype).
-std::tuple<torch::Tensor, torch::Tensor> add_rms_norm_mixed(torch::Tensor x, std::optional<torch::Tensor> y,
-                                                            torch::Tensor weight, double eps, at::ScalarType out_dtype) {
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_mixed(at::Tensor x, std::optional<at::Tensor> y,
+                                                            at::Tensor weight, double eps, at::ScalarType out_dtype) {
   check_rows(x, "x");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && weight.scalar_type() == torch::kFloat && weight.is_contiguous() &&
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
                   weight.numel() == x.size(1), "float32 x and weight");
-  auto out = torch::empty({x.size(0), x.size(1)}, x.options().dtype(out_dtype));
-  torch::Tensor s;
+  auto out = at::empty({x.size(0), x.size(1)}, x.options().dtype(out_dtype));
+  at::Tensor s;
   if (y.has_value()) {
     check_rows(*y, "y");
     TORCH_CHECK(y->sizes() == x.sizes(), "x and y must match");
-    s = torch::empty_like(out, x.options());
+    s = at::empty_like(out, x.options());
   }
   const float* xp = x.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
   float* sp = y.has_value() ? s.data_ptr<float>() : nullptr;
   const int64_t R = x.size(0), C = x.size(1), ys = y.has_value() ? y->stride(0) : 0;
   auto go = [&](auto* yp) {
-    if (out_dtype == torch::kBFloat16)
+    if (out_dtype == at::kBFloat16)
       norm_rows<float>(xp, x.stride(0), yp, ys, sp, wp, out.data_ptr<at::BFloat16>(), R, C, static_cast<float>(eps));
     else
       norm_rows<float>(xp, x.stride(0), yp, ys, sp, wp, out.data_ptr<float>(), R, C, static_cast<float>(eps));
   };
   if (!y.has_value())
     go(static_cast<const float*>(nullptr));
-  else if (y->scalar_type() == torch::kBFloat16)
+  else if (y->scalar_type() == at::kBFloat16)
     go(y->data_ptr<at::BFloat16>());
   else
     go(y->data_ptr<float>());
@@ -223,11 +223,11 @@ std::tuple<torch::Tensor, torch::Tensor> add_rms_norm_mixed(torch::Tensor x, std
 
 // gate_up (R, 2I) bfloat16 -> silu(gate) * up (R, I) bfloat16, computed in float32 with no rounding in
 // between: what the eager fp32 chain gives after widening gate_up and before rounding for the next linear.
-torch::Tensor silu_mul_bf16_fp32(torch::Tensor gate_up) {
+at::Tensor silu_mul_bf16_fp32(at::Tensor gate_up) {
   check_rows(gate_up, "gate_up");
-  TORCH_CHECK(gate_up.scalar_type() == torch::kBFloat16 && gate_up.size(1) % 2 == 0, "bfloat16 gate_up of even width");
+  TORCH_CHECK(gate_up.scalar_type() == at::kBFloat16 && gate_up.size(1) % 2 == 0, "bfloat16 gate_up of even width");
   const int64_t I = gate_up.size(1) / 2;
-  auto out = torch::empty({gate_up.size(0), I}, gate_up.options());
+  auto out = at::empty({gate_up.size(0), I}, gate_up.options());
   silu_mul_rows<float>(gate_up.data_ptr<at::BFloat16>(), gate_up.stride(0), out.data_ptr<at::BFloat16>(),
                        gate_up.size(0), I);
   return out;

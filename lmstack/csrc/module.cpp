@@ -1,4 +1,6 @@
 // The Python module of lmstack's CPU kernels (built by lmstack/cpu_kernels.py).
+#include <torch/extension.h>
+
 #include "kernels.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

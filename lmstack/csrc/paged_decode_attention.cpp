@@ -11,7 +11,7 @@
 // o_g = sum_t p[g, t] v_t / sum_t p[g, t]. Accumulation is fp32 whatever the storage (fp32 or bf16).
 // Each item's arithmetic depends on its own sequence only, so results do not change with batch
 // composition.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -181,9 +181,9 @@ AVX512 void attend_one_avx512(const float* q, const KV* k_pool, const KV* v_pool
 }
 
 template <typename KV>
-void run(const torch::Tensor& q, const torch::Tensor& k_pool, const torch::Tensor& v_pool,
-         const torch::Tensor& block_tables, const torch::Tensor& ctx_lens, double scale, int64_t window,
-         torch::Tensor& out) {
+void run(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+         const at::Tensor& block_tables, const at::Tensor& ctx_lens, double scale, int64_t window,
+         at::Tensor& out) {
   const int64_t S = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t block_size = k_pool.size(1), Hkv = k_pool.size(2), G = H / Hkv;
   const int64_t nblk = block_tables.size(1), row_stride = Hkv * D;
@@ -221,23 +221,23 @@ void run(const torch::Tensor& q, const torch::Tensor& k_pool, const torch::Tenso
 // q (S, H, D); k_pool, v_pool (num_blocks, block_size, Hkv, D), same dtype as q (float32 or bfloat16);
 // block_tables (S, max_blocks) int64, padded; ctx_lens (S,) int64 >= 1; window <= 0: no sliding window.
 // Returns (S, H, D) in q's dtype.
-torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
-                                     torch::Tensor block_tables, torch::Tensor ctx_lens, double scale,
+at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool,
+                                     at::Tensor block_tables, at::Tensor ctx_lens, double scale,
                                      int64_t window) {
   TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 4 && v_pool.sizes() == k_pool.sizes(), "bad shapes");
   TORCH_CHECK(q.scalar_type() == k_pool.scalar_type() && v_pool.scalar_type() == k_pool.scalar_type(),
               "q, k_pool and v_pool must share a dtype");
   TORCH_CHECK(q.size(1) % k_pool.size(2) == 0 && q.size(2) == k_pool.size(3), "head layout mismatch");
-  TORCH_CHECK(block_tables.scalar_type() == torch::kLong && ctx_lens.scalar_type() == torch::kLong, "int64 tables");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && ctx_lens.scalar_type() == at::kLong, "int64 tables");
   TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous(), "pools must be contiguous");
   q = q.contiguous();
   block_tables = block_tables.contiguous();
   ctx_lens = ctx_lens.contiguous();
-  auto out = torch::empty_like(q);
-  if (q.scalar_type() == torch::kFloat) {
+  auto out = at::empty_like(q);
+  if (q.scalar_type() == at::kFloat) {
     run<float>(q, k_pool, v_pool, block_tables, ctx_lens, scale, window, out);
   } else {
-    TORCH_CHECK(q.scalar_type() == torch::kBFloat16, "float32 or bfloat16 only");
+    TORCH_CHECK(q.scalar_type() == at::kBFloat16, "float32 or bfloat16 only");
     run<at::BFloat16>(q, k_pool, v_pool, block_tables, ctx_lens, scale, window, out);
   }
   return out;

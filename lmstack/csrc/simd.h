@@ -1,7 +1,7 @@
 // Helpers shared by lmstack's CPU kernels: bf16 <-> fp32 and AVX-512 loads and exp.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <immintrin.h>
 
 #include <cstdint>
