@@ -105,3 +105,20 @@ def test_models_it_does_not_compute_take_the_eager_path():
                                                                 act="gelu_new", gated_mlp=False)):
         llm = LLM.from_model(tiny(**over), dtype="float32", block_size=8, num_kv_blocks=64)
         assert llm.runner.cpp_decode.plan() is None
+
+
+def test_a_failing_cpp_step_falls_back_to_the_eager_forward(monkeypatch, caplog):
+    m = tiny()
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    expected = LLM.from_model(m, dtype="float32", block_size=8, num_kv_blocks=64).generate(PROMPTS, params)
+    llm = LLM.from_model(m, dtype="float32", block_size=8, num_kv_blocks=64)
+
+    def broken(*args):
+        raise RuntimeError("simulated failure inside the C++ loop")
+
+    monkeypatch.setattr(cpu_kernels, "decode_layers", broken)
+    with caplog.at_level("WARNING"):
+        got = llm.generate(PROMPTS, params)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+    assert llm.runner.cpp_decode is None
+    assert sum("C++ decode step failed (simulated failure" in r.message for r in caplog.records) == 1

@@ -22,6 +22,7 @@ every layer in one C++ call (csrc/decode_layers.cpp) with the same kernels and t
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,8 @@ from lmstack.model.attention import attention
 from lmstack.model.layers import (FusedLinears, Linear, RMSNorm, bf16_packing_supported, fuse_projections,
                                   pack_weights)
 from lmstack.model.transformer import Transformer
+
+logger = logging.getLogger(__name__)
 
 
 def kv_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) -> int:
@@ -366,11 +369,17 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)[None]
         slots = torch.cat(slot_list).to(self.device)
         plan = self.cpp_decode.plan() if self.use_kernel and self.cpp_decode and nd == len(token_ids) else None
+        hidden = None
         if plan is not None:
             g = dec_groups[0]
-            hidden = self.cpp_decode.run(plan, tokens[0], pos[0], self.k_cache, self.v_cache, slots, g.blocks,
-                                         g.ctx_lens)[None]  # (1, T, D)
-        else:
+            try:
+                hidden = self.cpp_decode.run(plan, tokens[0], pos[0], self.k_cache, self.v_cache, slots, g.blocks,
+                                             g.ctx_lens)[None]  # (1, T, D)
+            except RuntimeError as e:  # a case the C++ loop does not handle: the eager forward, from now on
+                logger.warning("C++ decode step failed (%s); running the eager forward from now on",
+                               str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__)
+                self.cpp_decode = None
+        if hidden is None:  # rewrites any K/V the failed call wrote: same values, same slots
             meta = PagedMeta(self.k_cache, self.v_cache, slots, nd, dec_groups, prefills, self.kv_dtype,
                              kernel=self.use_kernel)
             hidden = self.model(tokens, pos, meta=meta)  # (1, T, D)
