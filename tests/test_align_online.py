@@ -338,3 +338,19 @@ def test_pack_layout():
 def digit_reward(completion: str, answer) -> float:
     """Share of characters that are digits: a policy can raise it by emitting digit tokens."""
     return sum(ch.isdigit() for ch in completion) / max(1, len(completion))
+
+
+def test_bf16_training_rolls_out_in_bf16(env, tmp_path):
+    """training.precision bf16 on a CPU with native bf16: rollouts run bf16 linears and K/V unless
+    algo.engine_args names a dtype; fp32 training keeps fp32 rollouts."""
+    from lmstack.train.algos._rollout import bf16_rollouts_supported
+
+    stage, model, _ = make_stage(GRPO, env, tmp_path / "a", {"num_generations": 2}, precision="bf16")
+    assert model.dtype == torch.float32
+    expect = torch.bfloat16 if bf16_rollouts_supported(model) else torch.float32
+    assert stage.backend.llm.runner.kv_dtype == expect
+    stage, _, _ = make_stage(GRPO, env, tmp_path / "b", {"num_generations": 2})
+    assert stage.backend.llm.runner.kv_dtype == torch.float32
+    stage, _, _ = make_stage(GRPO, env, tmp_path / "c", {"num_generations": 2, "engine_args": {"dtype": "float32"}},
+                             precision="bf16")
+    assert stage.backend.llm.runner.kv_dtype == torch.float32

@@ -170,6 +170,15 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was)
 
 
+def bf16_rollouts_supported(model: nn.Module) -> bool:
+    """Whether the engine can run this policy's rollouts with bf16 linears (an fp32 module on a CPU with
+    oneDNN's native bf16 path; see lmstack.engine.model_runner.ModelRunner)."""
+    from lmstack.model.layers import bf16_packing_supported
+
+    p = next(model.parameters())
+    return p.dtype == torch.float32 and p.device.type == "cpu" and bf16_packing_supported()
+
+
 class EngineRollout:
     """Samples completions with the lmstack engine over the live policy module (weights shared)."""
 
@@ -393,8 +402,13 @@ class OnlineStage(Stage):
         o, tc = self.opts, self.cfg.training
         n_seqs = tc.batch_size * tc.grad_accum * completions_per_prompt
         max_len = min(model.config.max_position_embeddings, o.max_prompt_len + o.max_tokens)
+        args = dict(o.engine_args)
+        if "dtype" not in args and tc.precision == "bf16" and bf16_rollouts_supported(model):
+            # bf16 mixed-precision training rolls out in bf16 too (as TRL's generate under autocast): linears
+            # on packed bf16 copies of the live fp32 weights; the loss's log-probs still come from training
+            args["dtype"] = "bfloat16"
         self.backend = EngineRollout(model, self.tokenizer, max_num_seqs=max(n_seqs, min(len(self._eval_set()), 64)),
-                                     max_model_len=max_len, engine_args=o.engine_args)
+                                     max_model_len=max_len, engine_args=args)
 
     def sample(self, model: nn.Module, examples: list[RLExample], n: int, greedy: bool = False) -> list[list[Completion]]:
         o = self.opts
