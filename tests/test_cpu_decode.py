@@ -122,3 +122,24 @@ def test_a_failing_cpp_step_falls_back_to_the_eager_forward(monkeypatch, caplog)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
     assert llm.runner.cpp_decode is None
     assert sum("C++ decode step failed (simulated failure" in r.message for r in caplog.records) == 1
+
+
+def test_plan_is_cached_until_the_model_changes():
+    from lmstack.model.layers import RMSNorm
+
+    dt, name = (torch.bfloat16, "bfloat16") if layers.bf16_packing_supported() else (torch.float32, "float32")
+    m = tiny().to(dt)
+    llm = LLM.from_model(m, dtype=name, block_size=8, num_kv_blocks=64)
+    cpp = llm.runner.cpp_decode
+    p1 = cpp.plan()
+    assert p1 is not None and cpp.plan() is p1
+    with torch.no_grad():  # an optimizer step: in place, same storage
+        m.model.layers[1].mlp.down_proj.weight.mul_(1.5)
+    p2 = cpp.plan()
+    assert p2 is not p1 and cpp.plan() is p2
+    assert decode_steps_both_ways(llm, PROMPTS) >= 3  # the packed copy followed the update
+    norm = RMSNorm(64, m.config.norm_eps).to(dt)
+    m.model.layers[0].input_layernorm = norm  # a swapped module
+    p3 = cpp.plan()
+    assert p3 is not p2 and p3.in_norm[0] is norm.weight
+    assert decode_steps_both_ways(llm, PROMPTS) >= 3
