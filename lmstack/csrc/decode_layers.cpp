@@ -94,20 +94,20 @@ void write_kv(const at::Tensor& qkv, int64_t col, int64_t n, at::Tensor& pool, c
 }  // namespace
 
 // x (S, C): the step's token embeddings; cos, sin (S, D) in x's dtype. Per layer l: norm weights, the fused
-// q/k/v, o, fused gate/up and down weights (as `modes` says: plain, or oneDNN-packed) with optional biases,
+// q/k/v, o, fused gate/up and down weights (as `mode` says: plain, or oneDNN-packed) with optional biases,
 // and the layer's K/V pools (num_blocks, block_size, Hkv, D). slots (S,): pool slot of each new token;
 // block_tables (S, nblk), ctx_lens (S,) as paged_decode_attention takes them. Returns the final-norm
 // hidden states (S, C).
 at::Tensor decode_layers(at::Tensor x, at::Tensor cos, at::Tensor sin,
-                            const std::vector<at::Tensor>& in_norm, const std::vector<at::Tensor>& post_norm,
-                            at::Tensor final_norm, const std::vector<at::Tensor>& qkv_w,
-                            const std::vector<std::optional<at::Tensor>>& qkv_b, const std::vector<at::Tensor>& o_w,
-                            const std::vector<std::optional<at::Tensor>>& o_b, const std::vector<at::Tensor>& gu_w,
-                            const std::vector<std::optional<at::Tensor>>& gu_b, const std::vector<at::Tensor>& down_w,
-                            const std::vector<std::optional<at::Tensor>>& down_b, int64_t mode,
-                            const std::vector<at::Tensor>& k_pools, const std::vector<at::Tensor>& v_pools,
-                            at::Tensor slots, at::Tensor block_tables, at::Tensor ctx_lens, int64_t H,
-                            int64_t Hkv, int64_t D, double eps, double scale, int64_t window) {
+                         const std::vector<at::Tensor>& in_norm, const std::vector<at::Tensor>& post_norm,
+                         at::Tensor final_norm, const std::vector<at::Tensor>& qkv_w,
+                         const std::vector<std::optional<at::Tensor>>& qkv_b, const std::vector<at::Tensor>& o_w,
+                         const std::vector<std::optional<at::Tensor>>& o_b, const std::vector<at::Tensor>& gu_w,
+                         const std::vector<std::optional<at::Tensor>>& gu_b, const std::vector<at::Tensor>& down_w,
+                         const std::vector<std::optional<at::Tensor>>& down_b, int64_t mode,
+                         const std::vector<at::Tensor>& k_pools, const std::vector<at::Tensor>& v_pools,
+                         at::Tensor slots, at::Tensor block_tables, at::Tensor ctx_lens, int64_t H,
+                         int64_t Hkv, int64_t D, double eps, double scale, int64_t window) {
   const size_t L = in_norm.size();
   TORCH_CHECK(post_norm.size() == L && qkv_w.size() == L && qkv_b.size() == L && o_w.size() == L && o_b.size() == L &&
                   gu_w.size() == L && gu_b.size() == L && down_w.size() == L && down_b.size() == L &&

@@ -115,13 +115,13 @@ void rope_rows(T* x, int64_t xs, const T* cos, const T* sin, int64_t R, int64_t 
 }
 
 // float32 or bfloat16 (check_rows): run `body` with scalar_t bound to the tensor's type
-#define DISPATCH_F32_BF16(dtype, ...)                      \
-  if ((dtype) == at::kFloat) {                            \
-    using scalar_t = float;                                  \
-    __VA_ARGS__();                                           \
-  } else {                                                   \
-    using scalar_t = at::BFloat16;                           \
-    __VA_ARGS__();                                           \
+#define DISPATCH_F32_BF16(dtype, ...) \
+  if ((dtype) == at::kFloat) {        \
+    using scalar_t = float;           \
+    __VA_ARGS__();                    \
+  } else {                            \
+    using scalar_t = at::BFloat16;    \
+    __VA_ARGS__();                    \
   }
 
 void check_rows(const at::Tensor& t, const char* name) {
@@ -191,7 +191,7 @@ void rope_(at::Tensor x, at::Tensor cos, at::Tensor sin, int64_t heads, int64_t 
 // x (R, C) float32; y (optional) float32 or bfloat16; weight float32. Returns (x + y, or undefined
 // without y; rms_norm of it rounded to out_dtype).
 std::tuple<at::Tensor, at::Tensor> add_rms_norm_mixed(at::Tensor x, std::optional<at::Tensor> y,
-                                                            at::Tensor weight, double eps, at::ScalarType out_dtype) {
+                                                      at::Tensor weight, double eps, at::ScalarType out_dtype) {
   check_rows(x, "x");
   TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
                   weight.numel() == x.size(1), "float32 x and weight");

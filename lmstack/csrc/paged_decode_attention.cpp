@@ -222,8 +222,8 @@ void run(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool
 // block_tables (S, max_blocks) int64, padded; ctx_lens (S,) int64 >= 1; window <= 0: no sliding window.
 // Returns (S, H, D) in q's dtype.
 at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool,
-                                     at::Tensor block_tables, at::Tensor ctx_lens, double scale,
-                                     int64_t window) {
+                                  at::Tensor block_tables, at::Tensor ctx_lens, double scale,
+                                  int64_t window) {
   TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 4 && v_pool.sizes() == k_pool.sizes(), "bad shapes");
   TORCH_CHECK(q.scalar_type() == k_pool.scalar_type() && v_pool.scalar_type() == k_pool.scalar_type(),
               "q, k_pool and v_pool must share a dtype");
