@@ -1,7 +1,7 @@
 """The engine's one-call C++ decode step (engine/model_runner.py CppDecode, csrc/decode_layers.cpp) against the eager
 forward it replaces: the same decode step run both ways must give bit-identical logits, in every linear
 mode (fp32 oneDNN, packed bf16, bf16 linears under an fp32 model), with biases, GQA and a sliding window.
-Models the C++ loop does not compute (LoRA swaps, GPT-2, q/k norms) must take the eager path."""
+Models the C++ loop does not compute (LoRA swaps, GPT-2) must take the eager path."""
 from __future__ import annotations
 
 import pytest
@@ -79,7 +79,8 @@ PROMPTS = [[5, 6, 7], list(range(1, 40)), [9] * 17, list(range(100, 131))]
     dict(),
     dict(model_type="qwen2", qkv_bias=True, num_kv_heads=1),  # MQA + q/k/v bias
     dict(sliding_window=8, o_bias=True, mlp_bias=True, tie_embeddings=True),
-], ids=["llama-gqa", "qwen2-bias-mqa", "window-biases"])
+    dict(model_type="qwen3", qk_norm=True, head_dim=32),  # per-head q/k RMSNorm; head_dim != hidden / heads
+], ids=["llama-gqa", "qwen2-bias-mqa", "window-biases", "qwen3-qk-norm"])
 def test_cpp_decode_equals_eager_forward(model_dtype, engine_dtype, over):
     if engine_dtype == "bfloat16" and not layers.bf16_packing_supported():
         pytest.skip("no native bf16 oneDNN path on this CPU")
@@ -101,10 +102,9 @@ def test_models_it_does_not_compute_take_the_eager_path():
     before = cpp.steps
     llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
     assert cpp.steps == before
-    for over in (dict(qk_norm=True, model_type="qwen3"), dict(model_type="gpt2", pos="learned", norm="layer",
-                                                                act="gelu_new", gated_mlp=False)):
-        llm = LLM.from_model(tiny(**over), dtype="float32", block_size=8, num_kv_blocks=64)
-        assert llm.runner.cpp_decode.plan() is None
+    gpt2 = dict(model_type="gpt2", pos="learned", norm="layer", act="gelu_new", gated_mlp=False)
+    llm = LLM.from_model(tiny(**gpt2), dtype="float32", block_size=8, num_kv_blocks=64)
+    assert llm.runner.cpp_decode.plan() is None
 
 
 def test_a_failing_cpp_step_falls_back_to_the_eager_forward(monkeypatch, caplog):

@@ -93,14 +93,16 @@ void write_kv(const at::Tensor& qkv, int64_t col, int64_t n, at::Tensor& pool, c
 
 }  // namespace
 
-// x (S, C): the step's token embeddings; cos, sin (S, D) in x's dtype. Per layer l: norm weights, the fused
+// x (S, C): the step's token embeddings; cos, sin (S, D) in x's dtype. Per layer l: norm weights (q_norm /
+// k_norm: Qwen3's per-head norms, empty lists for models without them), the fused
 // q/k/v, o, fused gate/up and down weights (as `mode` says: plain, or oneDNN-packed) with optional biases,
 // and the layer's K/V pools (num_blocks, block_size, Hkv, D). slots (S,): pool slot of each new token;
 // block_tables (S, nblk), ctx_lens (S,) as paged_decode_attention takes them. Returns the final-norm
 // hidden states (S, C).
 at::Tensor decode_layers(at::Tensor x, at::Tensor cos, at::Tensor sin,
                          const std::vector<at::Tensor>& in_norm, const std::vector<at::Tensor>& post_norm,
-                         at::Tensor final_norm, const std::vector<at::Tensor>& qkv_w,
+                         at::Tensor final_norm, const std::vector<at::Tensor>& q_norm,
+                         const std::vector<at::Tensor>& k_norm, const std::vector<at::Tensor>& qkv_w,
                          const std::vector<std::optional<at::Tensor>>& qkv_b, const std::vector<at::Tensor>& o_w,
                          const std::vector<std::optional<at::Tensor>>& o_b, const std::vector<at::Tensor>& gu_w,
                          const std::vector<std::optional<at::Tensor>>& gu_b, const std::vector<at::Tensor>& down_w,
@@ -113,6 +115,7 @@ at::Tensor decode_layers(at::Tensor x, at::Tensor cos, at::Tensor sin,
                   gu_w.size() == L && gu_b.size() == L && down_w.size() == L && down_b.size() == L &&
                   k_pools.size() == L && v_pools.size() == L,
               "one entry per layer in every list");
+  TORCH_CHECK(q_norm.size() == k_norm.size() && (q_norm.empty() || q_norm.size() == L), "q_norm / k_norm");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be (S, C) contiguous");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == x.size(0), "slots");
   const int64_t S = x.size(0);
@@ -120,6 +123,11 @@ at::Tensor decode_layers(at::Tensor x, at::Tensor cos, at::Tensor sin,
   // RoPE in place on qkv's q and k heads, the new k / v into layer l's pools, then attention in the pool's
   // dtype (bf16 K/V under an fp32 forward with bf16 linears): (S, H * D) in the pool's dtype
   auto attend = [&](size_t l, at::Tensor& qkv) {
+    if (!q_norm.empty()) {  // Qwen3: RMSNorm over each q and k head, before RoPE
+      at::Tensor q = qkv.narrow(1, 0, H * D), k = qkv.narrow(1, H * D, Hkv * D);
+      q.copy_(rms_norm(q.reshape({S * H, D}), q_norm[l], eps).view({S, H * D}));
+      k.copy_(rms_norm(k.reshape({S * Hkv, D}), k_norm[l], eps).view({S, Hkv * D}));
+    }
     rope_(qkv, cos, sin, H + Hkv, D);
     at::Tensor kp = k_pools[l], vp = v_pools[l];
     TORCH_CHECK(kp.is_contiguous() && vp.is_contiguous() && kp.size(2) * kp.size(3) == Hkv * D, "pool layout");

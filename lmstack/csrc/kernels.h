@@ -18,7 +18,8 @@ at::Tensor silu_mul_bf16_fp32(at::Tensor gate_up);
 void rope_(at::Tensor x, at::Tensor cos, at::Tensor sin, int64_t heads, int64_t D);
 at::Tensor decode_layers(at::Tensor x, at::Tensor cos, at::Tensor sin,
                          const std::vector<at::Tensor>& in_norm, const std::vector<at::Tensor>& post_norm,
-                         at::Tensor final_norm, const std::vector<at::Tensor>& qkv_w,
+                         at::Tensor final_norm, const std::vector<at::Tensor>& q_norm,
+                         const std::vector<at::Tensor>& k_norm, const std::vector<at::Tensor>& qkv_w,
                          const std::vector<std::optional<at::Tensor>>& qkv_b, const std::vector<at::Tensor>& o_w,
                          const std::vector<std::optional<at::Tensor>>& o_b, const std::vector<at::Tensor>& gu_w,
                          const std::vector<std::optional<at::Tensor>>& gu_b, const std::vector<at::Tensor>& down_w,

@@ -183,6 +183,8 @@ class DecodePlan:
     in_norm: list[torch.Tensor]
     post_norm: list[torch.Tensor]
     final_norm: torch.Tensor
+    q_norm: list[torch.Tensor]  # Qwen3's per-head q / k norms (empty without them)
+    k_norm: list[torch.Tensor]
     qkv: list[torch.Tensor]
     qkv_b: list[torch.Tensor | None]
     o: list[torch.Tensor]
@@ -205,10 +207,10 @@ class CppDecode:
     linears on the same packed weights, lmstack's norm / RoPE / silu / PagedAttention kernels) at the same
     rounding points, so its hidden states equal the eager path's bit for bit (tests/test_cpu_decode.py).
 
-    Which models: the Llama-style decoder (RMSNorm, RoPE without q/k norms, SwiGLU MLP, optional q/k/v /
-    o / MLP biases) whose projections are still the plain fused Linears the engine set up. A LoRA or
-    quantized-linear swap, GPT-2 (LayerNorm, learned positions), Qwen3 (q/k norms), and every step that
-    carries a prefill chunk run `model(tokens, positions, meta=PagedMeta)` instead. `plan()` checks this
+    Which models: the Llama-style decoder (RMSNorm, RoPE, SwiGLU MLP, optional q/k/v / o / MLP biases,
+    Qwen3's per-head q/k norms) whose projections are still the plain fused Linears the engine set up. A
+    LoRA or quantized-linear swap, GPT-2 (LayerNorm, learned positions), and every step that carries a
+    prefill chunk run `model(tokens, positions, meta=PagedMeta)` instead. `plan()` checks this
     every step (a swap or a dtype change between steps is seen), in ~0.08 ms.
     """
 
@@ -246,7 +248,7 @@ class CppDecode:
         final = m.model.norm
         if type(final) is not RMSNorm or final.weight.dtype != act or cpu_kernels.load() is None:
             return None
-        p = DecodePlan([], [], final.weight, [], [], [], [], [], [], [], [], -1, final.eps)
+        p = DecodePlan([], [], final.weight, [], [], [], [], [], [], [], [], [], [], -1, final.eps)
         mods += [(m, "rotary", m.rotary), (m.model, "norm", final), (m.model, "layers", m.model.layers)]
         tensors.append(final.weight)
 
@@ -264,8 +266,12 @@ class CppDecode:
             attn, mlp = layer.self_attn, layer.mlp
             n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
             f, g = attn._fused_qkv, mlp._fused_gate_up
+            qn, kn = (attn.q_norm, attn.k_norm) if attn.qk_norm else (None, None)
+            if attn.qk_norm and not (type(qn) is RMSNorm and type(kn) is RMSNorm and qn.eps == kn.eps == p.eps
+                                     and qn.weight.dtype == kn.weight.dtype == act):
+                return None
             if not (type(n1) is RMSNorm and type(n2) is RMSNorm and n1.eps == n2.eps == p.eps
-                    and n1.weight.dtype == n2.weight.dtype == act and not attn.qk_norm
+                    and n1.weight.dtype == n2.weight.dtype == act
                     and mlp.gated and mlp.act is F.silu and type(attn.o_proj) is Linear and type(mlp.down_proj) is Linear
                     and type(f) is FusedLinears and type(g) is FusedLinears and f.intact() and g.intact()):
                 return None
@@ -278,10 +284,17 @@ class CppDecode:
             p.in_norm.append(n1.weight)
             p.post_norm.append(n2.weight)
             tensors += [n1.weight, n2.weight]
+            if qn is not None:
+                p.q_norm.append(qn.weight)
+                p.k_norm.append(kn.weight)
+                tensors += [qn.weight, kn.weight]
+                mods += [(attn, "q_norm", qn), (attn, "k_norm", kn)]
             mods += [(m.model.layers, str(i), layer), (layer, "self_attn", attn), (layer, "mlp", mlp),
                      (layer, "input_layernorm", n1), (layer, "post_attention_layernorm", n2), (attn, "o_proj", o),
                      (mlp, "down_proj", d), (attn, "_fused_qkv", f), (mlp, "_fused_gate_up", g)]
             mods += [(fl.owner, n, x) for fl in (f, g) for n, x in zip(fl.names, fl.mods)]  # q/k/v, gate/up
+        if p.q_norm and len(p.q_norm) != len(p.in_norm):  # q/k norms in some layers only
+            return None
         return p
 
     @torch.no_grad()
@@ -294,7 +307,8 @@ class CppDecode:
         cos, sin = m.rotary(positions, x.dtype)  # (S, head_dim) each
         self.steps += 1
         return cpu_kernels.decode_layers(
-            x, cos.contiguous(), sin.contiguous(), p.in_norm, p.post_norm, p.final_norm, p.qkv, p.qkv_b, p.o, p.o_b,
+            x, cos.contiguous(), sin.contiguous(), p.in_norm, p.post_norm, p.final_norm, p.q_norm, p.k_norm, p.qkv,
+            p.qkv_b, p.o, p.o_b,
             p.gu, p.gu_b, p.down, p.down_b, p.mode, k_cache, v_cache, slots, block_tables, ctx_lens,
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, p.eps, cfg.head_dim ** -0.5, cfg.sliding_window or 0)
 
