@@ -138,6 +138,12 @@ def test_plan_is_cached_until_the_model_changes():
     p2 = cpp.plan()
     assert p2 is not p1 and cpp.plan() is p2
     assert decode_steps_both_ways(llm, PROMPTS) >= 3  # the packed copy followed the update
+    with torch.no_grad():  # a write no version counter sees: LLM.reset_cache is the documented way to say so
+        m.model.layers[2].self_attn.o_proj.weight.data.mul_(0.5)
+    assert cpp.plan() is p2
+    llm.reset_cache()
+    p2 = cpp.plan()
+    assert decode_steps_both_ways(llm, PROMPTS) >= 3
     norm = RMSNorm(64, m.config.norm_eps).to(dt)
     m.model.layers[0].input_layernorm = norm  # a swapped module
     p3 = cpp.plan()

@@ -153,6 +153,8 @@ class LLM:
         RL iterations; packed copies also notice in-place updates by themselves, but not `.data` writes)."""
         self.block_manager.reset_prefix_cache()
         drop_packed_weights(self.model)
+        if self.runner.cpp_decode is not None:
+            self.runner.cpp_decode.reset()  # its plan holds the packed copies too
 
     # ------------------------------------------------------------------ requests
     def _encode(self, prompt: PromptType) -> tuple[str | None, list[int]]:

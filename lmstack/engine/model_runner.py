@@ -221,6 +221,11 @@ class CppDecode:
         # their (data_ptr, _version) keys, plan)
         self._cache: tuple | None = None
 
+    def reset(self) -> None:
+        """Forget the cached plan (and its packed weights): after writes through `.data`, which no version
+        counter sees (LLM.reset_cache calls this with drop_packed_weights)."""
+        self._cache = None
+
     def plan(self) -> DecodePlan | None:
         """The tensors of every layer, or None when some part of the model is not what the C++ loop computes.
 
@@ -232,6 +237,7 @@ class CppDecode:
                 and all((o._modules.get(a) if a in o._modules else o.__dict__.get(a)) is v for o, a, v in c[1])
                 and [(t.data_ptr(), t._version) for t in c[2]] == c[3]):
             return c[4]
+        self._cache = c = None  # drop the old plan's packed copies before `_build` repacks (no two at once)
         mods: list[tuple] = []
         tensors: list[torch.Tensor] = []
         p = self._build(mods, tensors)
