@@ -126,7 +126,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, head_dim: int) -> None:
     """In place: x * cos + rotate_half(x) * sin on the first `heads` heads of x (..., >= heads *
     head_dim) (a fused qkv output: q then k heads); cos, sin (..., head_dim) in x's dtype."""
-    _module.rope_(x.reshape(-1, x.shape[-1]), cos.reshape(-1, head_dim).contiguous(),
+    # view, not reshape: a copy would take the rotation and lose it (x must be row-contiguous)
+    _module.rope_(x.view(-1, x.shape[-1]), cos.reshape(-1, head_dim).contiguous(),
                   sin.reshape(-1, head_dim).contiguous(), heads, head_dim)
 
 

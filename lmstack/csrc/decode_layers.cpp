@@ -25,7 +25,7 @@ enum LinearMode : int64_t {
   kPlain = 0,       // at::linear (no oneDNN)
   kOneDNN = 1,      // oneDNN inner product on the plain weight (fp32 inference)
   kPacked = 2,      // oneDNN on a packed bf16 weight, bf16 activations
-  kPackedFp32 = 3,  // packed bf16 weight, fp32 activations: x rounded to bf16, result back to fp32, then + bias
+  kPackedFp32 = 3,  // packed bf16 weight, fp32 activations (`project_bf16` and the mixed loop below)
 };
 
 at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
@@ -43,23 +43,14 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w, const std::op
   return st[0].toTensor();
 }
 
+// kPlain / kOneDNN / kPacked: activations and result in the model's dtype
 at::Tensor project(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b, int64_t mode) {
-  switch (mode) {
-    case kOneDNN:
-    case kPacked:
-      return onednn_linear(x, w, b);
-    case kPackedFp32: {
-      at::Tensor y = onednn_linear(x.to(at::kBFloat16), w, std::nullopt).to(at::kFloat);
-      return b.has_value() ? y.add_(*b) : y;
-    }
-    default:
-      return at::linear(x, w, b);
-  }
+  return mode == kPlain ? at::linear(x, w, b) : onednn_linear(x, w, b);
 }
 
-// kPackedFp32 without the casts back: x (bf16, or fp32 rounded here) times the packed weight. The bf16
-// product comes back as it is when there is no bias (its consumers widen it exactly, inside their
-// kernels), else widened and biased in fp32 as `project` does.
+// kPackedFp32: x (bf16, or fp32 rounded here) times the packed bf16 weight. The bf16 product comes back
+// as it is when there is no bias (its consumers widen it exactly, inside their kernels), else widened
+// and biased in fp32, as layers._project does.
 at::Tensor project_bf16(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
   at::Tensor y = onednn_linear(x.scalar_type() == at::kBFloat16 ? x : x.to(at::kBFloat16), w, std::nullopt);
   return b.has_value() ? y.to(at::kFloat).add_(*b) : y;
@@ -142,20 +133,18 @@ at::Tensor decode_layers(at::Tensor x, at::Tensor cos, at::Tensor sin,
     // the casts around each linear happen inside the norm / silu kernels (or not at all: the bf16
     // attention output is what the o projection would round to anyway).
     const auto bf16 = at::kBFloat16;
+    auto pending = [&]() { return delta.defined() ? std::optional<at::Tensor>(delta) : std::nullopt; };
     for (size_t l = 0; l < L; ++l) {
-      at::Tensor h;
-      if (delta.defined())
-        std::tie(x, h) = add_rms_norm_mixed(x, delta, in_norm[l], eps, bf16);
-      else
-        h = std::get<1>(add_rms_norm_mixed(x, std::nullopt, in_norm[l], eps, bf16));
+      at::Tensor s, h;
+      std::tie(s, h) = add_rms_norm_mixed(x, pending(), in_norm[l], eps, bf16);
+      if (s.defined()) x = s;  // the residual sum (undefined before the first layer: x is the embedding)
       at::Tensor qkv = project_bf16(h, qkv_w[l], qkv_b[l]).to(at::kFloat).contiguous();  // RoPE runs in fp32
       at::Tensor a = project_bf16(attend(l, qkv), o_w[l], o_b[l]);
       std::tie(x, h) = add_rms_norm_mixed(x, a, post_norm[l], eps, bf16);
       at::Tensor gu = project_bf16(h, gu_w[l], gu_b[l]);
       delta = project_bf16(gu.scalar_type() == bf16 ? silu_mul_bf16_fp32(gu) : silu_mul(gu), down_w[l], down_b[l]);
     }
-    if (!delta.defined()) return std::get<1>(add_rms_norm_mixed(x, std::nullopt, final_norm, eps, at::kFloat));
-    return std::get<1>(add_rms_norm_mixed(x, delta, final_norm, eps, at::kFloat));
+    return std::get<1>(add_rms_norm_mixed(x, pending(), final_norm, eps, at::kFloat));
   }
   for (size_t l = 0; l < L; ++l) {
     at::Tensor h;
