@@ -14,6 +14,11 @@ HF has no CPU QLoRA (bitsandbytes NF4 needs CUDA), so QLoRA is compared with lms
 CPU without native bf16 (no AVX512-BF16 / AMX) bf16 matmuls, and so QLoRA (which computes in
 bf16), are emulated and very slow; compare their memory on short sequences there, e.g.
   python benchmarks/train.py --seq 32 --batch 1 --steps 1 --precision bf16 --cases lmstack:lora,lmstack:qlora
+QLoRA vs LoRA memory, where weights rather than activations dominate (few tokens per step,
+gradient checkpointing), on this shape and on Qwen2.5-0.5B's:
+  python benchmarks/train.py --quick --grad-ckpt --cases lmstack:lora,lmstack:qlora,lmstack:qlora-emb
+  python benchmarks/train.py --quick --grad-ckpt --cases lmstack:lora,lmstack:qlora,lmstack:qlora-emb \\
+      --config ../shared/bench_models/qwen2.5-0.5b/config.json
 Targets (issue 5): lmstack >= 1.3x HF tokens/s at no more peak memory; QLoRA peak <= 0.5x LoRA's.
 """
 from __future__ import annotations
@@ -120,7 +125,8 @@ def run_lmstack(a: argparse.Namespace, mode: str) -> dict:
            "optim": {"lr": 1e-4}, "training": {"batch_size": a.batch, "precision": a.precision, "device": a.device,
                                               "gradient_checkpointing": a.grad_ckpt}}
     if mode != "full":
-        raw["lora"] = {**LORA, "target_modules": "all-linear", "qlora": mode == "qlora"}
+        raw["lora"] = {**LORA, "target_modules": "all-linear", "qlora": mode.startswith("qlora"),
+                       "quantize_embeddings": mode == "qlora-emb"}
     cfg = load_config(raw=raw, stage="sft")
     lora_bf16 = cfg.lora is not None and (cfg.lora.qlora or a.precision == "bf16")
     model = build_model(cfg, None, dev, torch.bfloat16 if lora_bf16 else torch.float32)
@@ -147,7 +153,31 @@ def run_lmstack(a: argparse.Namespace, mode: str) -> dict:
         times.append(time.perf_counter() - t)
     peak = mem.stop()
     step = sum(times[1:]) / len(times[1:])
-    return {"tok_s": a.batch * a.seq / step, "step_s": step, "peak_mb": peak, "loss": loss}
+    res = {"tok_s": a.batch * a.seq / step, "step_s": step, "peak_mb": peak, "loss": loss}
+    if a.device == "cpu":  # one more (untimed) step, its tensor allocations traced
+        alive = [t for t in model.state_dict(keep_vars=True).values()] + [p.grad for p in run.params if p.grad is not None]
+        alive += [v for st in run.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+        mb = _to_device(stage.collate(data[:a.batch]), dev)
+        res["tensor_peak_mb"] = tensor_peak_mb(lambda: run.optimizer_step([mb], _autocast(cfg, dev)), alive)
+    return res
+
+
+def tensor_peak_mb(step, alive: list) -> float:
+    """Peak bytes of live tensors during `step()` (MiB): the tensors in `alive` (weights, gradients,
+    optimizer state) plus the running sum of the allocations and frees the profiler records - on CPU,
+    what torch.cuda.max_memory_allocated reports on a GPU. Unlike RSS it leaves out the runtime's own
+    memory (code, JIT-compiled kernels, thread stacks, allocator slack), ~150-200 MiB here."""
+    from torch.profiler import ProfilerActivity, profile
+
+    base = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in alive}.values())
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    cur = peak = 0
+    for _, nbytes in events:
+        cur += nbytes
+        peak = max(peak, cur)
+    return (base + peak) / 2**20
 
 
 def run_hf(a: argparse.Namespace, mode: str) -> dict:
@@ -259,7 +289,7 @@ def main() -> None:
           f"{', gradient checkpointing' if a.grad_ckpt else ''}; {a.steps} timed steps; memory = {mem}\n")
     print(f"| {'mode':6s} | {'lmstack tok/s':>13s} | {'HF tok/s':>9s} | {'speed-up':>8s} | {'lmstack MiB':>11s} | {'HF MiB':>7s} | {'mem ratio':>9s} |")
     print("|--------|---------------|-----------|----------|-------------|---------|-----------|")
-    for mode in ("full", "lora", "qlora"):
+    for mode in ("full", "lora", "qlora", "qlora-emb"):
         ours, theirs = results.get(f"lmstack:{mode}"), results.get(f"hf:{mode}")
         if not ours:
             continue
@@ -267,9 +297,22 @@ def main() -> None:
         mr = f"{ours['peak_mb'] / theirs['peak_mb']:.2f}" if theirs else "n/a"
         print(f"| {mode:6s} | {ours['tok_s']:13.1f} | {theirs['tok_s'] if theirs else float('nan'):9.1f} | {sp:>8s} | "
               f"{ours['peak_mb']:11.0f} | {theirs['peak_mb'] if theirs else float('nan'):7.0f} | {mr:>9s} |")
-    if "lmstack:qlora" in results and "lmstack:lora" in results:
-        r = results["lmstack:qlora"]["peak_mb"] / results["lmstack:lora"]["peak_mb"]
-        print(f"\nQLoRA / LoRA peak memory (lmstack): {r:.2f} (target <= 0.5)")
+    lora = results.get("lmstack:lora")
+    if lora and any(f"lmstack:{m}" in results for m in ("qlora", "qlora-emb")):
+        # QLoRA's target is against lmstack's own LoRA (HF has no CPU QLoRA): peak RSS, and peak tensor
+        # bytes (the GPU's max_memory_allocated; RSS adds the same runtime memory to both)
+        tensor = "tensor_peak_mb" in lora
+        print("\nQLoRA vs LoRA peak memory (qlora: NF4 linears, as in the paper; qlora-emb: lora.quantize_embeddings, "
+              "the embedding / LM head NF4 too). Target <= 0.5\n")
+        print("| mode | peak RSS MiB | / LoRA |" + (" peak tensor MiB | / LoRA |" if tensor else ""))
+        print("|---|---|---|" + ("---|---|" if tensor else ""))
+        for mode in ("lora", "qlora", "qlora-emb"):
+            r = results.get(f"lmstack:{mode}")
+            if r:
+                row = f"| {mode} | {r['peak_mb']:.0f} | {r['peak_mb'] / lora['peak_mb']:.2f} |"
+                if tensor:
+                    row += f" {r['tensor_peak_mb']:.0f} | {r['tensor_peak_mb'] / lora['tensor_peak_mb']:.2f} |"
+                print(row)
 
 
 def cuda_available() -> bool:

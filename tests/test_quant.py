@@ -202,6 +202,56 @@ def test_nf4_autograd_through_input_with_frozen_base():
     assert torch.allclose(x.grad, g.bfloat16().float() @ w, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("row_len", [128, 40])  # rows aligned with the 64-weight blocks, and straddling them
+def test_nf4_row_ranges_and_embedding_lookup_match_full_dequantization(row_len):
+    from lmstack.model.quant import NF4Embedding, dequantize_nf4_rows
+
+    torch.manual_seed(0)
+    emb = nn.Embedding(37, row_len)
+    m = NF4Embedding.from_embedding(emb, compute_dtype=torch.float32)
+    full = m.dequantize(torch.float32)  # (37, row_len)
+    for a, b in [(0, 37), (0, 1), (5, 6), (3, 20), (36, 37)]:
+        assert torch.equal(dequantize_nf4_rows(m._tensors(), row_len, a, b), full[a:b]), (a, b)
+    ids = torch.tensor([[0, 36, 5, 5], [17, 2, 0, 30]])
+    assert torch.equal(m(ids), F.embedding(ids, full))
+    head = m.tied_head()  # the tied LM head reads the same codes, no copy
+    assert head.weight_codes.data_ptr() == m.weight_codes.data_ptr()
+    assert torch.equal(head.dequantize_rows(3, 20), full[3:20])
+    with pytest.raises(IndexError, match=r"out of range"):  # straddling rows: F.embedding's own check
+        m(torch.tensor([37]))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])  # tied and untied embeddings
+def test_quantize_embeddings_roundtrip(tmp_path, family):
+    from lmstack.model.loading import load_model
+    from lmstack.model.quant import NF4Embedding, dequantize_embeddings, quantize_embeddings_nf4
+    from tests.fixtures import make_tiny_hf
+
+    make_tiny_hf(family, tmp_path / family)
+    model = load_model(tmp_path / family, dtype=torch.float32)
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    assert tied == (family == "qwen2")
+    toks, pos = torch.tensor([[1, 5, 9, 33]]), torch.arange(4)[None]
+    with torch.no_grad():
+        ref = model.compute_logits(model(toks, pos))
+    w_emb = model.model.embed_tokens.weight.detach().clone()
+    quantize_embeddings_nf4(model, compute_dtype=torch.float32)
+    emb = model.model.embed_tokens
+    assert isinstance(emb, NF4Embedding) and isinstance(model.lm_head, NF4Linear)
+    assert (model.lm_head.weight_codes.data_ptr() == emb.weight_codes.data_ptr()) == tied
+    assert model.dtype == torch.float32
+    err = (emb.dequantize() - w_emb).abs().max() / w_emb.abs().max()
+    assert 0 < err < 0.25  # NF4: a quantization error, within the codebook's widest half-step
+    with torch.no_grad():
+        q = model.compute_logits(model(toks, pos))
+    assert not torch.equal(q, ref) and (q - ref).abs().max() < 0.2 * ref.abs().max()
+    dequantize_embeddings(model, torch.float32)
+    assert isinstance(model.model.embed_tokens, nn.Embedding)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    with torch.no_grad():
+        assert torch.equal(model.compute_logits(model(toks, pos)), q)  # the same decoded weights
+
+
 # ------------------------------------------------------------------------------------- AWQ
 def test_awq_beats_rtn_on_outlier_channels():
     from lmstack.model.awq import fake_quant_int4, search_scales

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmstack.train.fused_ce import fused_linear_nll
+from lmstack.train.fused_ce import fused_linear_nll, fused_quant_head_nll
 
 
 @pytest.mark.parametrize("chunk", [3, 1000])
@@ -38,3 +38,28 @@ def test_frozen_weight_and_no_targets():
     assert none.item() == 0.0 and torch.autograd.grad(none, (h,))[0].abs().sum() == 0
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 20\)"):
         fused_linear_nll(h, w, torch.tensor([[1, 2, 25, -100]]))
+
+
+@pytest.mark.parametrize("budget", [1, 1 << 21])
+def test_quantized_head_matches_its_dequantized_weight(budget):
+    """The vocabulary-chunked loss for an NF4 head (QLoRA with quantize_embeddings) equals plain
+    cross-entropy on the head's decoded weight, in value and in gradient w.r.t. the hidden states;
+    budget=1 forces 64-row vocabulary chunks (and a short last chunk: V = 600)."""
+    from lmstack.model.quant import NF4Linear
+
+    torch.manual_seed(0)
+    head = NF4Linear.from_linear(torch.nn.Linear(64, 600, bias=False), compute_dtype=torch.float64)
+    h = torch.randn(2, 9, 64, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 600, (2, 9))
+    y[0, :4] = -100
+    y[1, 0] = 599  # the last vocabulary row, in the short last chunk
+    ours = fused_quant_head_nll(h, head, y, budget=budget)
+    (gh,) = torch.autograd.grad(1.5 * ours, (h,))
+    w = head.dequantize(torch.float64)
+    ref = F.cross_entropy((h @ w.T).reshape(-1, 600), y.reshape(-1), ignore_index=-100, reduction="sum")
+    (rh,) = torch.autograd.grad(1.5 * ref, (h,))
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(gh, rh)
+    assert gh[0, :4].abs().sum() == 0
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 600\)"):
+        fused_quant_head_nll(h, head, torch.full((2, 9), 600))

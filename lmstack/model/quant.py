@@ -196,10 +196,25 @@ def dequantize_nf4(t: dict[str, torch.Tensor], shape: Iterable[int], dtype: torc
         n *= s
     absmax = nf4_absmax(t, scale_block_size)  # (B,)
     # one gather per packed byte: LUT[b] = (level[b & 15], level[b >> 4]), the two weights it holds
-    lut = _nf4_pair_lut(absmax.device)
-    vals = lut[t["codes"].long()].view(-1)[: absmax.numel() * block_size]  # (B*64,)
-    vals = vals.view(-1, block_size) * absmax[:, None]  # (B, 64)
+    # int32 indices and an in-place scale: ~8 bytes of temporaries per weight instead of ~14 (QLoRA
+    # decodes every layer twice per step, and the temporaries add to the step's peak memory)
+    vals = _nf4_pair_lut(absmax.device).index_select(0, t["codes"].int()).view(-1)[: absmax.numel() * block_size]
+    vals = vals.view(-1, block_size).mul_(absmax[:, None])  # (B, 64)
     return vals.reshape(-1)[:n].view(shape).to(dtype)
+
+
+def dequantize_nf4_rows(t: dict[str, torch.Tensor], row_len: int, start: int, end: int,
+                        dtype: torch.dtype = torch.float32, absmax: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows [start, end) of an NF4 (rows, row_len) matrix, (end - start, row_len): only the 64-weight
+    blocks those rows touch are decoded (what a vocabulary-chunked LM head or an embedding lookup needs,
+    never the whole 16-bit table). `absmax`: nf4_absmax(t), when the caller decodes many chunks."""
+    absmax = nf4_absmax(t) if absmax is None else absmax
+    lo, hi = start * row_len, end * row_len  # flat element range
+    b0, b1 = lo // NF4_BLOCK, -(-hi // NF4_BLOCK)  # the blocks it overlaps
+    codes = t["codes"][b0 * NF4_BLOCK // 2: b1 * NF4_BLOCK // 2]  # 2 codes per byte, 32 bytes per block
+    vals = _nf4_pair_lut(absmax.device).index_select(0, codes.int()).view(-1, NF4_BLOCK)  # (b1 - b0, 64)
+    vals = vals.mul_(absmax[b0:b1, None]).view(-1)[lo - b0 * NF4_BLOCK: hi - b0 * NF4_BLOCK]
+    return vals.view(end - start, row_len).to(dtype)
 
 
 _NF4_LUT: dict[torch.device, torch.Tensor] = {}
@@ -494,6 +509,19 @@ def _tinygemm_unpack(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
     return q.view(N, K)
 
 
+def _register_nf4(m: nn.Module, t: dict[str, torch.Tensor]) -> None:
+    """NF4 codes and double-quantized scales as buffers (their on-disk names: weight, weight_absmax, ...)."""
+    m.register_buffer("weight_codes", t["codes"].contiguous())
+    m.register_buffer("weight_absmax", t["absmax_q"].contiguous())
+    m.register_buffer("weight_absmax_scale", t["absmax_scale"].float().contiguous())
+    m.register_buffer("weight_absmax_offset", t["absmax_offset"].float().reshape(()))
+
+
+def _nf4_tensors(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {"codes": m.weight_codes, "absmax_q": m.weight_absmax,
+            "absmax_scale": m.weight_absmax_scale, "absmax_offset": m.weight_absmax_offset}
+
+
 class NF4Linear(QuantLinear):
     """QLoRA's frozen NF4 base: dequantize to bf16 and matmul in bf16. Differentiable w.r.t. the
     input (a LoRA adapter wrapped around it trains); the codes themselves have no gradient."""
@@ -504,21 +532,24 @@ class NF4Linear(QuantLinear):
                  bias: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__(in_features, out_features, bias)
         self.compute_dtype = compute_dtype
-        self.register_buffer("weight_codes", t["codes"].contiguous())
-        self.register_buffer("weight_absmax", t["absmax_q"].contiguous())
-        self.register_buffer("weight_absmax_scale", t["absmax_scale"].float().contiguous())
-        self.register_buffer("weight_absmax_offset", t["absmax_offset"].float().reshape(()))
+        _register_nf4(self, t)
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16) -> "NF4Linear":
         return cls(quantize_nf4(lin.weight), lin.in_features, lin.out_features, lin.bias, compute_dtype)
 
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        return {"codes": self.weight_codes, "absmax_q": self.weight_absmax,
-                "absmax_scale": self.weight_absmax_scale, "absmax_offset": self.weight_absmax_offset}
+    _tensors = _nf4_tensors
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_nf4(self._tensors(), (self.out_features, self.in_features), dtype)
+
+    def dequantize_rows(self, start: int, end: int, dtype: torch.dtype = torch.float32,
+                        absmax: torch.Tensor | None = None) -> torch.Tensor:
+        """Output rows [start, end) of the weight, (end - start, in): a vocabulary chunk of an LM head."""
+        return dequantize_nf4_rows(self._tensors(), self.in_features, start, end, dtype, absmax)
+
+    def absmax(self) -> torch.Tensor:
+        return nf4_absmax(self._tensors())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
@@ -530,6 +561,88 @@ class NF4Linear(QuantLinear):
     def disk_tensors(self) -> dict[str, torch.Tensor]:
         return {"weight": self.weight_codes, "weight_absmax": self.weight_absmax,
                 "weight_absmax_scale": self.weight_absmax_scale, "weight_absmax_offset": self.weight_absmax_offset}
+
+
+class NF4Embedding(nn.Module):
+    """A frozen token-embedding table stored as NF4 (QLoRA with `lora.quantize_embeddings`): a lookup
+    decodes only the looked-up rows. With tied embeddings the output head is an NF4Linear sharing
+    these very buffers (`tied_head`), so the (V, D) table exists once, at ~4.5 bits per weight."""
+
+    def __init__(self, t: dict[str, torch.Tensor], num_embeddings: int, embedding_dim: int,
+                 compute_dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.compute_dtype = num_embeddings, embedding_dim, compute_dtype
+        _register_nf4(self, t)
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, compute_dtype: torch.dtype = torch.bfloat16) -> "NF4Embedding":
+        return cls(quantize_nf4(emb.weight), emb.num_embeddings, emb.embedding_dim, compute_dtype)
+
+    _tensors = _nf4_tensors
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_nf4(self._tensors(), (self.num_embeddings, self.embedding_dim), dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        V, D = self.num_embeddings, self.embedding_dim
+        if D % NF4_BLOCK:  # rows straddle blocks: decode the whole table (small models only)
+            return F.embedding(ids, self.dequantize(self.compute_dtype))
+        flat = ids.reshape(-1)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= V):
+            raise IndexError(f"token id out of range [0, {V}) for the embedding table")
+        per_row = D // NF4_BLOCK  # each row is exactly `per_row` blocks: gather them
+        codes = self.weight_codes.view(V, D // 2)[flat]  # (N, D/2)
+        absmax = nf4_absmax(self._tensors()).view(V, per_row)[flat]  # (N, D/64)
+        vals = _nf4_pair_lut(codes.device).index_select(0, codes.reshape(-1).int()).view(-1, per_row, NF4_BLOCK)
+        vals.mul_(absmax[..., None])  # (N, D/64, 64)
+        return vals.view(*ids.shape, D).to(self.compute_dtype)  # (..., D)
+
+    def tied_head(self) -> "NF4Linear":
+        """An output projection (V, D) reading these same buffers (weight tying without a copy)."""
+        return NF4Linear(self._tensors(), self.embedding_dim, self.num_embeddings, None, self.compute_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, nf4"
+
+
+@torch.no_grad()
+def quantize_embeddings_nf4(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Store the token embedding and the LM head as NF4 (frozen), in place. A tied head keeps sharing
+    the embedding's codes; an untied one is quantized on its own."""
+    emb = model.model.embed_tokens
+    if not isinstance(emb, nn.Embedding):
+        raise QuantError(f"model.embed_tokens is a {type(emb).__name__}, not an nn.Embedding: already quantized?")
+    head = getattr(model, "lm_head", None)
+    tied = head is not None and getattr(head, "weight", None) is emb.weight
+    new = NF4Embedding.from_embedding(emb, compute_dtype)
+    model.model.embed_tokens = new
+    if tied:
+        model.lm_head = new.tied_head()
+    elif isinstance(head, nn.Linear):
+        model.lm_head = NF4Linear.from_linear(head, compute_dtype)
+    return model
+
+
+@torch.no_grad()
+def dequantize_embeddings(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Undo quantize_embeddings_nf4 (after a QLoRA merge): dense nn.Embedding and head, re-tied if
+    they shared codes. Other modules are left alone."""
+    from lmstack.model.layers import Linear
+
+    emb = model.model.embed_tokens
+    if not isinstance(emb, NF4Embedding):
+        return model
+    head = getattr(model, "lm_head", None)
+    tied = isinstance(head, NF4Linear) and head.weight_codes.data_ptr() == emb.weight_codes.data_ptr()
+    dense = nn.Embedding(emb.num_embeddings, emb.embedding_dim, device=emb.weight_codes.device, dtype=dtype)
+    dense.weight.data.copy_(emb.dequantize(dtype))
+    dense.weight.requires_grad_(False)
+    model.model.embed_tokens = dense
+    if isinstance(head, NF4Linear):
+        lin = Linear(head.in_features, head.out_features, bias=False, device=dense.weight.device, dtype=dtype)
+        lin.weight = dense.weight if tied else nn.Parameter(head.dequantize(dtype), requires_grad=False)
+        model.lm_head = lin
+    return model
 
 
 class _NF4Matmul(torch.autograd.Function):

@@ -120,11 +120,12 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        emb = self.model.embed_tokens  # an NF4Embedding (QLoRA) has codes, and computes in compute_dtype
+        return emb.compute_dtype if hasattr(emb, "compute_dtype") else emb.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device
 
     def init_weights(self, std: float | None = None) -> None:
         """Pretraining init: N(0, initializer_range) for matrices, zero biases, unit norms; output

@@ -16,13 +16,18 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "generation_config.json")
 
 
-def write_adapter_info(adapter_dir: str | Path, qlora: bool) -> None:
-    (Path(adapter_dir) / TRAINING_INFO).write_text(json.dumps({"qlora": qlora}, indent=2) + "\n")
+def write_adapter_info(adapter_dir: str | Path, qlora: bool, quantize_embeddings: bool = False) -> None:
+    info = {"qlora": qlora, "quantize_embeddings": quantize_embeddings}
+    (Path(adapter_dir) / TRAINING_INFO).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _adapter_info(adapter_dir: str | Path) -> dict:
+    p = Path(adapter_dir) / TRAINING_INFO
+    return json.loads(p.read_text()) if p.is_file() else {}
 
 
 def adapter_was_qlora(adapter_dir: str | Path) -> bool:
-    p = Path(adapter_dir) / TRAINING_INFO
-    return bool(json.loads(p.read_text()).get("qlora", False)) if p.is_file() else False
+    return bool(_adapter_info(adapter_dir).get("qlora", False))
 
 
 def export_merged(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,
@@ -48,6 +53,12 @@ def export_merged(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
         from lmstack.model.quant import quantize_model
 
         quantize_model(model, "nf4", skip=("lm_head", "score"), compute_dtype=torch.bfloat16)
+        quant_emb = bool(_adapter_info(adapter_dir).get("quantize_embeddings", False))
+        if quant_emb:  # the adapter also saw NF4 embeddings / head: reproduce them too
+            from lmstack.model.quant import dequantize_embeddings, quantize_embeddings_nf4
+
+            quantize_embeddings_nf4(model, torch.bfloat16)
+            dequantize_embeddings(model, torch.bfloat16)
         save_dtype = torch.bfloat16
     load_adapter(model, adapter_dir)
     merge_lora(model, dequant_dtype=torch.bfloat16)

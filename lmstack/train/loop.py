@@ -157,14 +157,18 @@ def _prepare_model(cfg: TrainConfig, model: nn.Module) -> None:
         from lmstack.model.lora import apply_lora
 
         if cfg.lora.qlora:
-            from lmstack.model.quant import quantize_model
+            from lmstack.model.quant import quantize_embeddings_nf4, quantize_model
 
-            # QLoRA: the frozen base is stored as NF4 and computed in bf16; lm_head stays dense.
+            # QLoRA: the frozen base is stored as NF4 and computed in bf16; lm_head and the embedding
+            # stay dense unless lora.quantize_embeddings
             quantize_model(model, "nf4", skip=("lm_head", "score"), compute_dtype=torch.bfloat16)
+            if cfg.lora.quantize_embeddings:
+                quantize_embeddings_nf4(model, torch.bfloat16)
             release_freed_memory()  # the 16-bit weights just replaced would otherwise stay resident
         names = apply_lora(model, cfg.lora)
         logger.info("LoRA: %d modules adapted (r=%d, alpha=%g%s)", len(names), cfg.lora.r, cfg.lora.alpha,
-                    ", QLoRA NF4 base" if cfg.lora.qlora else "")
+                    (", QLoRA NF4 base" + (" and embeddings" if cfg.lora.quantize_embeddings else ""))
+                    if cfg.lora.qlora else "")
     if cfg.training.gradient_checkpointing:
         model.gradient_checkpointing = True
 
@@ -456,7 +460,7 @@ def _save_final(cfg: TrainConfig, stage: Stage, model: nn.Module, tokenizer: Any
         from lmstack.train.export import write_adapter_info
 
         save_adapter(model, final, base_model_name_or_path=str(Path(cfg.model.path).resolve()) if cfg.model.path else "")
-        write_adapter_info(final, cfg.lora.qlora)
+        write_adapter_info(final, cfg.lora.qlora, cfg.lora.quantize_embeddings)
     else:
         from lmstack.model.loading import save_model
 
