@@ -231,10 +231,12 @@ def test_engine_runs_on_live_weights_after_an_update(env, tmp_path):
     assert after == generate(model.eval(), prompts, 8, eos_token_ids=sorted(llm.eos_token_ids))
 
 
-def test_grpo_lora_reference_is_the_base(env, tmp_path):
-    """With LoRA and beta > 0 the reference is the adapter-free base: KL starts at 0, only adapters train."""
+@pytest.mark.parametrize("quant", [{}, {"qlora": True, "quantize_embeddings": True}], ids=["lora", "qlora-nf4-embeddings"])
+def test_grpo_lora_reference_is_the_base(env, tmp_path, quant):
+    """With LoRA and beta > 0 the reference is the adapter-free base: KL starts at 0, only adapters train.
+    Also with QLoRA and NF4 embeddings: rollouts run the engine on the quantized live policy."""
     raw = raw_cfg(env, tmp_path / "run", {"num_generations": 4, "beta": 0.1, "reward_fn": f"{HERE}:len_reward"})
-    raw["lora"] = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    raw["lora"] = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], **quant}
     cfg = load_config(raw=raw, stage="grpo")
     tok = Tokenizer.from_dir(str(env["model"]))
     stage = GRPO(cfg, tok)
