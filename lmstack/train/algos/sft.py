@@ -20,23 +20,25 @@ def lm_head_weight(model: nn.Module) -> torch.Tensor:
     return head.weight
 
 
-# fp32 logits per loss chunk: 256 rows of a 49152-word vocabulary (SmolLM2), fewer rows for larger vocabularies
+# fp32 logits per loss chunk: 256 rows of a 49152-word vocabulary (SmolLM2), fewer rows for larger
+# vocabularies; small ones keep the earlier 1024-row chunks (nothing to save there)
 CE_CHUNK_LOGITS = 256 * 49152
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int | None = None) -> LossOutput:
     """Summed next-token NLL over target tokens; the (B, T, V) logits are never built at once.
-    `chunk` rows at a time (default: CE_CHUNK_LOGITS / V). Each chunk's logits, their fp32 log-softmax
-    and gradient add to the step's peak memory (~8 bytes per logit: it runs at the end of the forward,
-    with every activation alive). On SmolLM2-135M at 4096 tokens per step, 256 rows instead of 1024
-    cut peak RSS by 590-980 MiB (LoRA, full; 700 MiB with checkpointing) at equal or better tokens/s."""
+    `chunk` rows at a time (default: CE_CHUNK_LOGITS / V, at most 1024). Each chunk's logits, their
+    fp32 log-softmax and gradient add to the step's peak memory (~8 bytes per logit: it runs at the
+    end of the forward, with every activation alive). On SmolLM2-135M at 4096 tokens per step, 256
+    rows instead of 1024 cut peak RSS by 590-980 MiB (LoRA, full; 700 MiB with checkpointing) at
+    equal or better tokens/s."""
     hidden = model(batch["tokens"], batch["positions"])  # (B, T, D)
     labels = batch["labels"]  # (B, T), IGNORE where not a target
     if hasattr(model.lm_head, "dequantize_rows"):  # NF4 head: decoded a vocabulary chunk at a time
         total = fused_quant_head_nll(hidden, model.lm_head, labels, ignore_index=IGNORE)
     else:
         w = lm_head_weight(model)
-        chunk = chunk or max(32, CE_CHUNK_LOGITS // w.shape[0])
+        chunk = chunk or min(1024, max(32, CE_CHUNK_LOGITS // w.shape[0]))
         total = fused_linear_nll(hidden, w, labels, ignore_index=IGNORE, chunk=chunk)
     return LossOutput(total, (labels != IGNORE).sum(), {})
 
