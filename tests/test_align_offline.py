@@ -241,15 +241,17 @@ def test_reward_model_scores_match_transformers(env):
     torch.testing.assert_close(s_ours, s_hf, atol=1e-4, rtol=1e-4)
 
 
-def test_dpo_with_lora_uses_the_base_as_reference(env):
+@pytest.mark.parametrize("quant", [{}, {"qlora": True, "quantize_embeddings": True}], ids=["lora", "qlora-nf4-embeddings"])
+def test_dpo_with_lora_uses_the_base_as_reference(env, quant):
     """Zero-initialised adapters: policy == reference at step 0, so the first loss is exactly log 2,
-    and no reference copy is loaded (the base with adapters off is the reference)."""
+    and no reference copy is loaded (the base with adapters off is the reference). Also with QLoRA
+    and NF4 embeddings, whose log-probs go through the vocabulary-chunked quantized head."""
     import math
 
     tmp, md, pairs, _, tok = env
-    out = tmp / "dpo_lora"
+    out = tmp / f"dpo_lora{len(quant)}"
     raw = raw_cfg(md, pairs, out, {"beta": 0.5}, max_steps=2, log_every=1)
-    raw["lora"] = {"r": 4, "alpha": 8}
+    raw["lora"] = {"r": 4, "alpha": 8, **quant}
     cfg = load_config(raw=raw, stage="dpo")
     stage = get_stage("dpo")(cfg, tok)
     res = train(stage, cfg)

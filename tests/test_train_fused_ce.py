@@ -63,3 +63,24 @@ def test_quantized_head_matches_its_dequantized_weight(budget):
     assert gh[0, :4].abs().sum() == 0
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 600\)"):
         fused_quant_head_nll(h, head, torch.full((2, 9), 600))
+
+
+def test_token_logps_through_a_quantized_head():
+    """RL / preference log-probs (losses.token_logps) through an NF4 head: the same values and hidden
+    gradients as through its decoded dense weight, with a sampling temperature and ignored targets."""
+    from lmstack.model.quant import NF4Linear
+    from lmstack.train.losses import token_logps
+
+    torch.manual_seed(0)
+    head = NF4Linear.from_linear(torch.nn.Linear(64, 300, bias=False), compute_dtype=torch.float64)
+    h = torch.randn(3, 5, 64, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 300, (3, 5))
+    y[2, 3:] = -100
+    g = torch.randn(3, 5, dtype=torch.float64)
+    ours = token_logps(h, head, y, temperature=0.7)
+    (gh,) = torch.autograd.grad((ours * g).sum(), (h,))
+    ref = token_logps(h, head.dequantize(torch.float64), y, temperature=0.7)
+    (rh,) = torch.autograd.grad((ref * g).sum(), (h,))
+    torch.testing.assert_close(ours, ref.to(ours.dtype))
+    torch.testing.assert_close(gh, rh, rtol=1e-5, atol=1e-6)
+    assert (ours[2, 3:] == 0).all() and gh[2, 3:].abs().sum() == 0

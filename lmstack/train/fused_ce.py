@@ -53,18 +53,19 @@ class _FusedLinearNLL(torch.autograd.Function):
         return gh, gw, None, None, None
 
 
-class _QuantHeadNLL(torch.autograd.Function):
-    """The same summed NLL for a frozen quantized head (QLoRA with NF4 embeddings), whose 16-bit
-    weight must never exist whole: the head is decoded `vchunk` vocabulary rows at a time.
+class _QuantHeadLogProb(torch.autograd.Function):
+    """Per-token log-probs logp_i = z_i[y_i] - logsumexp(z_i), z_i = h_i W^T / T, for a frozen
+    quantized head (QLoRA with NF4 embeddings) whose 16-bit weight must never exist whole: the head
+    is decoded `vchunk` vocabulary rows at a time.
 
     Forward keeps an online logsumexp over the vocabulary chunks (Milakov & Gimelshein 2018):
     m' = max(m, max_j z_j), s' = s e^(m - m') + sum_j e^(z_j - m'), lse = m + log s.
-    Backward decodes the chunks again and accumulates grad_h = sum_chunks (softmax - onehot) W_chunk.
-    Three matmuls and two decodes of the head per step; O(N x vchunk) extra memory. The head has
-    no gradient (it is frozen), and hidden is saved instead of a precomputed gradient."""
+    Backward decodes the chunks again: d logp_i / d z_i = onehot(y_i) - softmax(z_i), so
+    grad_h = sum_chunks (g_i / T) (onehot - softmax) W_chunk. Three matmuls and two decodes of the
+    head per step; O(N x vchunk) extra memory. The head is frozen: it gets no gradient."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, head, targets: torch.Tensor, vchunk: int,
+    def forward(ctx, hidden: torch.Tensor, head, targets: torch.Tensor, vchunk: int, temperature: float,
                 compute_dtype: torch.dtype) -> torch.Tensor:
         n, V = hidden.shape[0], head.out_features
         h = hidden.to(compute_dtype)
@@ -76,6 +77,8 @@ class _QuantHeadNLL(torch.autograd.Function):
         for v0 in range(0, V, vchunk):
             v1 = min(V, v0 + vchunk)
             z = (h @ head.dequantize_rows(v0, v1, compute_dtype, absmax).t()).to(acc)  # (N, Vc)
+            if temperature != 1.0:
+                z.div_(temperature)
             m_new = torch.maximum(m, z.amax(dim=1))
             s = s * (m - m_new).exp() + (z - m_new[:, None]).exp().sum(dim=1)
             m = m_new
@@ -83,31 +86,49 @@ class _QuantHeadNLL(torch.autograd.Function):
             tgt[hit] = z[hit, targets[hit] - v0]
         lse = m + s.log()  # (N,)
         ctx.save_for_backward(hidden, targets, lse)
-        ctx.head, ctx.vchunk, ctx.cdt = head, vchunk, compute_dtype
-        return (lse - tgt).sum()
+        ctx.head, ctx.vchunk, ctx.temperature, ctx.cdt = head, vchunk, temperature, compute_dtype
+        return tgt - lse
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         hidden, targets, lse = ctx.saved_tensors
-        head, vchunk, cdt = ctx.head, ctx.vchunk, ctx.cdt
+        head, vchunk, temperature, cdt = ctx.head, ctx.vchunk, ctx.temperature, ctx.cdt
         h = hidden.to(cdt)
         absmax, acc = head.absmax(), lse.dtype
+        coef = (-grad_out.to(acc) / temperature)[:, None]  # turns (softmax - onehot) into g (onehot - softmax) / T
         grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
         for v0 in range(0, head.out_features, vchunk):
             v1 = min(head.out_features, v0 + vchunk)
             w = head.dequantize_rows(v0, v1, cdt, absmax)  # (Vc, D)
-            p = (h @ w.t()).to(acc).sub_(lse[:, None]).exp_()  # softmax over this chunk's columns
+            z = (h @ w.t()).to(acc)
+            if temperature != 1.0:
+                z.div_(temperature)
+            p = z.sub_(lse[:, None]).exp_()  # softmax over this chunk's columns
             hit = ((targets >= v0) & (targets < v1)).nonzero().squeeze(1)
             p[hit, targets[hit] - v0] -= 1.0  # softmax - onehot
-            grad_h += (p.to(cdt) @ w).to(acc)
-        return (grad_h * grad_out.to(acc)).to(hidden.dtype), None, None, None, None
+            grad_h += (p.mul_(coef).to(cdt) @ w).to(acc)
+        return grad_h.to(hidden.dtype), None, None, None, None, None
+
+
+def quant_head_logps(hidden: torch.Tensor, head, targets: torch.Tensor, temperature: float = 1.0,
+                     budget: int = 1 << 21) -> torch.Tensor:
+    """log softmax(hidden @ head.dequantize().T / temperature)[targets] for a frozen quantized head
+    with `dequantize_rows` (NF4Linear): hidden (N, D), targets (N,) in [0, V) -> (N,) fp32 (fp64 for
+    an fp64 head). Vocabulary chunks hold about `budget` logits (8 MiB in fp32) at a time."""
+    D = hidden.shape[-1]
+    dev = hidden.device.type
+    cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else head.compute_dtype
+    # chunks of ~budget logits, and of at most ~1M decoded weights (the decode's temporaries are ~8 bytes
+    # per weight: a 16k-row chunk of a 576-wide head would add 75 MB to the step's peak)
+    vchunk = max(64, min(budget // max(1, hidden.shape[0]), (1 << 20) // D))
+    return _QuantHeadLogProb.apply(hidden, head, targets, vchunk, float(temperature), cdt)
 
 
 def fused_quant_head_nll(hidden: torch.Tensor, head, labels: torch.Tensor, ignore_index: int = -100,
                          budget: int = 1 << 21) -> torch.Tensor:
     """fused_linear_nll for a frozen quantized head with `dequantize_rows` (NF4Linear): equals
     F.cross_entropy(hidden @ head.dequantize().T, labels, reduction="sum") in value and in gradient
-    w.r.t. hidden. Vocabulary chunks hold about `budget` fp32 logits (8 MiB) at a time."""
+    w.r.t. hidden."""
     D = hidden.shape[-1]
     h, y = hidden.reshape(-1, D), labels.reshape(-1)  # (N, D), (N,)
     keep = (y != ignore_index).nonzero().squeeze(1)
@@ -116,12 +137,7 @@ def fused_quant_head_nll(hidden: torch.Tensor, head, labels: torch.Tensor, ignor
     h, y = h.index_select(0, keep), y.index_select(0, keep)
     if int(y.min()) < 0 or int(y.max()) >= head.out_features:
         raise ValueError(f"labels must lie in [0, {head.out_features}) or equal ignore_index={ignore_index}")
-    dev = hidden.device.type
-    cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else head.compute_dtype
-    # chunks of ~budget logits, and of at most ~1M decoded weights (the decode's temporaries are ~8 bytes
-    # per weight: a 16k-row chunk of a 576-wide head would add 75 MB to the step's peak)
-    vchunk = max(64, min(budget // h.shape[0], (1 << 20) // D))
-    return _QuantHeadNLL.apply(h, head, y, vchunk, cdt)
+    return -quant_head_logps(h, head, y, budget=budget).sum()
 
 
 def fused_linear_nll(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,

@@ -169,7 +169,8 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
                 temperature: float = 1.0, ignore_index: int = -100) -> torch.Tensor:
     """Per-token log-probs log softmax(h W^T / temperature)[target], computed chunk-wise.
 
-    hidden: (..., D) final hidden states; weight: (V, D) lm_head weight; targets: (...) int64.
+    hidden: (..., D) final hidden states; weight: (V, D) lm_head weight, or a frozen quantized head
+    (NF4Linear, see sft.lm_head_for_loss); targets: (...) int64.
     Returns float32 (...) log-probs; positions whose target is ``ignore_index`` give 0 and no
     gradient. Peak memory is O(chunk * V) in forward and backward. ``temperature`` matches the
     sampling temperature (RL log-probs of sampled tokens must use the sampling distribution).
@@ -177,6 +178,8 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     if hidden.shape[:-1] != targets.shape:
         raise ValueError(f"shape mismatch: hidden {tuple(hidden.shape)} needs targets of shape "
                          f"{tuple(hidden.shape[:-1])}, got {tuple(targets.shape)}")
+    if hasattr(weight, "dequantize_rows"):  # a frozen quantized head (QLoRA with NF4 embeddings)
+        return _quantized_head_logps(hidden, weight, targets, temperature, ignore_index)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight must be (V, {hidden.shape[-1]}), got {tuple(weight.shape)}")
     if chunk < 1:
@@ -191,6 +194,20 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     out = _ChunkedTargetLogProb.apply(h, weight, torch.where(valid, y, 0), chunk, float(temperature),
                                       _compute_dtype(hidden, weight))
     return (out * valid).reshape(lead)
+
+
+def _quantized_head_logps(hidden: torch.Tensor, head, targets: torch.Tensor, temperature: float,
+                          ignore_index: int) -> torch.Tensor:
+    """token_logps through a quantized head, decoded a vocabulary chunk at a time (fused_ce)."""
+    from lmstack.train.fused_ce import quant_head_logps
+
+    _positive("temperature", temperature)
+    y = targets.reshape(-1)
+    valid = y != ignore_index
+    if ((y[valid] < 0) | (y[valid] >= head.out_features)).any():
+        raise ValueError(f"targets must lie in [0, {head.out_features}) or equal ignore_index={ignore_index}")
+    out = quant_head_logps(hidden.reshape(-1, hidden.shape[-1]), head, torch.where(valid, y, 0), temperature)
+    return (out.float() * valid).reshape(targets.shape)
 
 
 def chunked_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 1024,

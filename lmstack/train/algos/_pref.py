@@ -327,10 +327,10 @@ def collate_kto(examples: Sequence[KTOExample], pad_id: int) -> dict[str, torch.
 
 
 # ----------------------------------------------------------------------------- log-probs
-def lm_head_weight(model: nn.Module) -> torch.Tensor:
-    from lmstack.train.algos.sft import lm_head_weight as _w
+def lm_head_for_loss(model: nn.Module) -> torch.Tensor | nn.Module:
+    from lmstack.train.algos.sft import lm_head_for_loss as _h
 
-    return _w(model)
+    return _h(model)
 
 
 def completion_logps(model: nn.Module, batch: dict[str, torch.Tensor],
@@ -344,7 +344,7 @@ def completion_logps(model: nn.Module, batch: dict[str, torch.Tensor],
     labels = batch["labels"]
     mask = labels != IGNORE  # (R, T)
     h = hidden[mask]  # (N, D) completion positions only
-    lp = token_logps(h, lm_head_weight(model), labels[mask], chunk=chunk)  # (N,)
+    lp = token_logps(h, lm_head_for_loss(model), labels[mask], chunk=chunk)  # (N,)
     rows = mask.nonzero()[:, 0]
     R = labels.shape[0]
     sums = torch.zeros(R, dtype=lp.dtype, device=lp.device).index_add(0, rows, lp)

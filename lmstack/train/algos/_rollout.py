@@ -31,7 +31,7 @@ from lmstack.config import ConfigError
 from lmstack.log import logger
 from lmstack.train.algos import Stage
 from lmstack.train.algos._pref import adapters_disabled
-from lmstack.train.algos.sft import lm_head_weight
+from lmstack.train.algos.sft import lm_head_for_loss
 from lmstack.train.data import DataError, iter_files, to_messages
 from lmstack.train.losses import token_logps
 
@@ -281,7 +281,7 @@ def action_logps(model: nn.Module, hidden: torch.Tensor, batch: dict[str, torch.
     probability of a sampled token must be taken under the distribution it was sampled from.
     """
     mask = batch["action_mask"]
-    lp = token_logps(hidden[mask], lm_head_weight(model), batch["targets"][mask], chunk=chunk,
+    lp = token_logps(hidden[mask], lm_head_for_loss(model), batch["targets"][mask], chunk=chunk,
                      temperature=temperature)  # (M,)
     out = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
     out[mask] = lp

@@ -20,6 +20,13 @@ def lm_head_weight(model: nn.Module) -> torch.Tensor:
     return head.weight
 
 
+def lm_head_for_loss(model: nn.Module) -> torch.Tensor | nn.Module:
+    """What the chunked losses project with: the dense (V, D) weight (lm_head_weight), or a frozen
+    quantized head itself, which the loss decodes a vocabulary chunk at a time (never whole)."""
+    head = model.lm_head
+    return head if hasattr(head, "dequantize_rows") else lm_head_weight(model)
+
+
 # fp32 logits per loss chunk: 256 rows of a 49152-word vocabulary (SmolLM2), fewer rows for larger
 # vocabularies; small ones keep the earlier 1024-row chunks (nothing to save there)
 CE_CHUNK_LOGITS = 256 * 49152
