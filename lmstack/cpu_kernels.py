@@ -6,6 +6,7 @@
   for CPU inference (no autograd) in float32 / bfloat16.
 - csrc/decode_layers.cpp: every decoder layer of a pure-decode engine step in one call, without
   returning to Python between ops (engine/model_runner.py CppDecode decides when it applies).
+- csrc/nf4_decode.cpp: QLoRA's NF4 weights decoded straight into fp32 / bf16 (model/quant.py).
 The build needs a C++ compiler (g++ / clang++); it takes ~30 s once on 2 cores and is cached by PyTorch
 (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions). Without a compiler, on other devices,
 or with LMSTACK_CPU_KERNELS=0, the PyTorch ops run instead: same results up to float rounding.
@@ -25,7 +26,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = ("module.cpp", "paged_decode_attention.cpp", "fused_elementwise.cpp", "decode_layers.cpp")
+_SOURCES = ("module.cpp", "paged_decode_attention.cpp", "fused_elementwise.cpp", "decode_layers.cpp", "nf4_decode.cpp")
 _lock = threading.Lock()
 _module: ModuleType | None = None
 _failed = False
@@ -129,6 +130,18 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, hea
     # view, not reshape: a copy would take the rotation and lose it (x must be row-contiguous)
     _module.rope_(x.view(-1, x.shape[-1]), cos.reshape(-1, head_dim).contiguous(),
                   sin.reshape(-1, head_dim).contiguous(), heads, head_dim)
+
+
+def nf4_decode(codes: torch.Tensor, absmax: torch.Tensor, lut: torch.Tensor, start: int, n: int,
+               dtype: torch.dtype) -> torch.Tensor | None:
+    """n NF4 weights from flat element `start`: codes (bytes,) uint8, absmax (blocks,) fp32, lut the
+    16 fp32 levels -> (n,) in dtype (fp32 / bf16); None where the kernels do not apply (then the
+    caller's PyTorch ops run). Not differentiable: the codes are frozen."""
+    if codes.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or _failed:
+        return None
+    if _module is None and load() is None:
+        return None
+    return _module.nf4_decode(codes, absmax, lut, int(start), int(n), dtype)
 
 
 def decode_layers(*args):

@@ -202,6 +202,28 @@ def test_nf4_autograd_through_input_with_frozen_base():
     assert torch.allclose(x.grad, g.bfloat16().float() @ w, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_decode_kernel_is_bit_identical_to_the_pytorch_ops(dtype):
+    """csrc/nf4_decode.cpp vs the PyTorch chain, on ranges that start and end inside 32- and
+    64-weight groups, at odd elements, and on whole tensors (the AVX-512 path and the scalar edges)."""
+    from lmstack import cpu_kernels
+    from lmstack.model.quant import nf4_decode_flat
+
+    if cpu_kernels.load() is None:
+        pytest.skip("C++ kernels unavailable")
+    torch.manual_seed(0)
+    t = quantize_nf4(torch.randn(300, 70) * torch.logspace(-3, 1, 70))  # 21000 weights, varied block scales
+    absmax = nf4_absmax(t)
+    for start, n in [(0, 21000), (0, 1), (1, 2), (31, 33), (17, 100), (64, 64), (5, 20990), (20999, 1), (1000, 0)]:
+        fast = nf4_decode_flat(t["codes"], absmax, start, n, dtype)
+        ref = nf4_decode_flat(t["codes"], absmax, start, n, dtype, kernel=False)
+        assert fast.dtype == dtype and fast.shape == (n,)
+        assert torch.equal(fast.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                           ref.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)), (start, n)
+    with pytest.raises(RuntimeError, match="outside the codes"):
+        cpu_kernels.nf4_decode(t["codes"], absmax, NF4_CODEBOOK.float(), 20990, 100, dtype)
+
+
 @pytest.mark.parametrize("row_len", [128, 40])  # rows aligned with the 64-weight blocks, and straddling them
 def test_nf4_row_ranges_and_embedding_lookup_match_full_dequantization(row_len):
     from lmstack.model.quant import NF4Embedding, dequantize_nf4_rows

@@ -16,6 +16,8 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_mixed(at::Tensor x, std::optiona
                                                       at::Tensor weight, double eps, at::ScalarType out_dtype);
 at::Tensor silu_mul_bf16_fp32(at::Tensor gate_up);
 void rope_(at::Tensor x, at::Tensor cos, at::Tensor sin, int64_t heads, int64_t D);
+at::Tensor nf4_decode(at::Tensor codes, at::Tensor absmax, at::Tensor lut, int64_t start, int64_t n,
+                      at::ScalarType dtype);
 at::Tensor decode_layers(at::Tensor x, at::Tensor cos, at::Tensor sin,
                          const std::vector<at::Tensor>& in_norm, const std::vector<at::Tensor>& post_norm,
                          at::Tensor final_norm, const std::vector<at::Tensor>& q_norm,

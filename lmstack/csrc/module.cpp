@@ -10,4 +10,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gate) * up over [gate | up]");
   m.def("rope_", &rope_, "rotary embedding in place on the first heads of each row");
   m.def("decode_layers", &decode_layers, "every decoder layer of a pure-decode step in one call");
+  m.def("nf4_decode", &nf4_decode, "n NF4 weights from element start, in fp32 or bf16");
 }

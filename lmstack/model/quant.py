@@ -188,19 +188,34 @@ def nf4_absmax(t: dict[str, torch.Tensor], scale_block_size: int = NF4_SCALE_BLO
     return q2 * s2 + t["absmax_offset"].float()
 
 
+def nf4_decode_flat(codes: torch.Tensor, absmax: torch.Tensor, start: int, n: int, dtype: torch.dtype,
+                    kernel: bool = True) -> torch.Tensor:
+    """n weights of a flat NF4 tensor from element `start`, (n,) in dtype: level[code] * absmax[block].
+    The C++ kernel (csrc/nf4_decode.cpp: fp32 / bf16 on CPU) writes only the result; the PyTorch ops
+    (elsewhere, or kernel=False) give bit-identical values."""
+    if kernel:
+        from lmstack import cpu_kernels
+
+        out = cpu_kernels.nf4_decode(codes, absmax, _nf4_levels(codes.device), start, n, dtype)
+        if out is not None:
+            return out
+    b0, b1 = start // NF4_BLOCK, -(-(start + n) // NF4_BLOCK)  # the blocks the range overlaps
+    c = codes[b0 * NF4_BLOCK // 2: b1 * NF4_BLOCK // 2]  # 2 codes per byte, 32 bytes per block
+    # int32 indices and an in-place scale: ~8 bytes of temporaries per weight instead of ~14
+    vals = _nf4_pair_lut(absmax.device).index_select(0, c.int()).view(-1, NF4_BLOCK)  # (b1 - b0, 64)
+    vals = vals.mul_(absmax[b0:b1, None]).view(-1)[start - b0 * NF4_BLOCK: start - b0 * NF4_BLOCK + n]
+    return vals.to(dtype)
+
+
 def dequantize_nf4(t: dict[str, torch.Tensor], shape: Iterable[int], dtype: torch.dtype = torch.float32,
                    block_size: int = NF4_BLOCK, scale_block_size: int = NF4_SCALE_BLOCK) -> torch.Tensor:
     shape = tuple(shape)
     n = 1
     for s in shape:
         n *= s
-    absmax = nf4_absmax(t, scale_block_size)  # (B,)
-    # one gather per packed byte: LUT[b] = (level[b & 15], level[b >> 4]), the two weights it holds
-    # int32 indices and an in-place scale: ~8 bytes of temporaries per weight instead of ~14 (QLoRA
-    # decodes every layer twice per step, and the temporaries add to the step's peak memory)
-    vals = _nf4_pair_lut(absmax.device).index_select(0, t["codes"].int()).view(-1)[: absmax.numel() * block_size]
-    vals = vals.view(-1, block_size).mul_(absmax[:, None])  # (B, 64)
-    return vals.reshape(-1)[:n].view(shape).to(dtype)
+    if block_size != NF4_BLOCK:
+        raise QuantError(f"NF4 block size {block_size} is not supported (only {NF4_BLOCK})")
+    return nf4_decode_flat(t["codes"], nf4_absmax(t, scale_block_size), 0, n, dtype).view(shape)
 
 
 def dequantize_nf4_rows(t: dict[str, torch.Tensor], row_len: int, start: int, end: int,
@@ -209,15 +224,19 @@ def dequantize_nf4_rows(t: dict[str, torch.Tensor], row_len: int, start: int, en
     blocks those rows touch are decoded (what a vocabulary-chunked LM head or an embedding lookup needs,
     never the whole 16-bit table). `absmax`: nf4_absmax(t), when the caller decodes many chunks."""
     absmax = nf4_absmax(t) if absmax is None else absmax
-    lo, hi = start * row_len, end * row_len  # flat element range
-    b0, b1 = lo // NF4_BLOCK, -(-hi // NF4_BLOCK)  # the blocks it overlaps
-    codes = t["codes"][b0 * NF4_BLOCK // 2: b1 * NF4_BLOCK // 2]  # 2 codes per byte, 32 bytes per block
-    vals = _nf4_pair_lut(absmax.device).index_select(0, codes.int()).view(-1, NF4_BLOCK)  # (b1 - b0, 64)
-    vals = vals.mul_(absmax[b0:b1, None]).view(-1)[lo - b0 * NF4_BLOCK: hi - b0 * NF4_BLOCK]
-    return vals.view(end - start, row_len).to(dtype)
+    flat = nf4_decode_flat(t["codes"], absmax, start * row_len, (end - start) * row_len, dtype)
+    return flat.view(end - start, row_len)
 
 
 _NF4_LUT: dict[torch.device, torch.Tensor] = {}
+_NF4_LEVELS: dict[torch.device, torch.Tensor] = {}
+
+
+def _nf4_levels(device: torch.device) -> torch.Tensor:
+    lv = _NF4_LEVELS.get(device)
+    if lv is None:
+        lv = _NF4_LEVELS[device] = NF4_CODEBOOK.float().contiguous().to(device)
+    return lv  # (16,)
 
 
 def _nf4_pair_lut(device: torch.device) -> torch.Tensor:
