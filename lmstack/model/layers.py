@@ -22,10 +22,66 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if cpu_kernels.fast(x, self.weight):  # CPU inference: the same arithmetic in one C++ pass
             return cpu_kernels.rms_norm(x, self.weight, self.eps)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return _RMSNormFn.apply(x, self.weight, self.eps)  # training: saves less for backward
         dtype = x.dtype
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """RMSNorm for training: the eager forward op for op (same values), but backward keeps only x and
+    the per-row r = 1 / rms(x) (one float per row). Autograd would keep fp32 copies instead: x.float()
+    (twice x's bytes for a bf16 residual stream, as under LoRA) and x̂ = x r when the weight trains.
+    On SmolLM2-135M at 4,096 tokens per step that is 270-570 MiB of saved activations.
+
+    With x̂ = x r and y = w ⊙ cast(x̂):  dL/dw = Σ_rows g ⊙ cast(x̂),  dL/dx̂ = g ⊙ w,
+    dL/dx = r (dL/dx̂ - x̂ mean(dL/dx̂ ⊙ x̂))   (the mean over the normalized dimension)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # type: ignore[override]
+        h = x.to(torch.float32)
+        r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, weight, r)
+        return weight * (h * r).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        x, weight, r = ctx.saved_tensors
+        xhat = x.to(torch.float32) * r
+        gx = gw = None
+        if ctx.needs_input_grad[1]:
+            gw = (g * xhat.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            gxhat = (g * weight).to(torch.float32)
+            gx = (r * (gxhat - xhat * (gxhat * xhat).mean(-1, keepdim=True))).to(x.dtype)
+        return gx, gw, None
+
+
+class _SiluMulFn(torch.autograd.Function):
+    """silu(gate) * up for training, keeping gate and up only: silu(gate) is recomputed in backward
+    (autograd would keep it too, a third (tokens, intermediate) tensor: 380 MiB on SmolLM2-135M at
+    4,096 tokens in bf16). The same ops as autograd's, so values and gradients are bit-identical."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        gate, up = ctx.saved_tensors
+        g_gate = torch.ops.aten.silu_backward(g * up, gate) if ctx.needs_input_grad[0] else None
+        g_up = g * F.silu(gate) if ctx.needs_input_grad[1] else None
+        return g_gate, g_up
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up; under autograd through _SiluMulFn (one activation fewer kept for backward)."""
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _SiluMulFn.apply(gate, up)
+    return F.silu(gate) * up
 
 
 def cpu_has(*flags: str) -> bool:
@@ -286,5 +342,7 @@ class MLP(nn.Module):
                     return self.down_proj(cpu_kernels.silu_mul(gu))
                 g, u = gu.split(f.sizes, dim=-1)
                 return self.down_proj(self.act(g) * u)
+            if self.act is F.silu:
+                return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(self.act(self.up_proj(x)))
