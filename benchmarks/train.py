@@ -238,7 +238,7 @@ def main() -> None:
                     help="fp32 | bf16 (default: bf16 on GPU and on CPUs with native bf16 (AVX512-BF16 / AMX), else fp32)")
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in both frameworks")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    ap.add_argument("--cases", default="lmstack:full,hf:full,lmstack:lora,hf:lora,lmstack:qlora")
+    ap.add_argument("--cases", default="lmstack:full,hf:full,lmstack:lora,hf:lora,lmstack:qlora,lmstack:qlora-emb")
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--case", help=argparse.SUPPRESS)
     a = ap.parse_args()
