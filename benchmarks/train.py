@@ -172,7 +172,12 @@ def tensor_peak_mb(step, alive: list) -> float:
     base = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in alive}.values())
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    try:  # the profiler's raw allocation records (a semi-private API; torch 2.5-2.13 have it)
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]")
+    except AttributeError as e:
+        print(f"peak tensor bytes unavailable in this torch ({e})", file=sys.stderr)
+        return float("nan")
     cur = peak = 0
     for _, nbytes in events:
         cur += nbytes
