@@ -261,6 +261,8 @@ def test_quantize_embeddings_roundtrip(tmp_path, family):
     emb = model.model.embed_tokens
     assert isinstance(emb, NF4Embedding) and isinstance(model.lm_head, NF4Linear)
     assert (model.lm_head.weight_codes.data_ptr() == emb.weight_codes.data_ptr()) == tied
+    with pytest.raises(QuantError, match="not an nn.Embedding: already quantized"):
+        quantize_embeddings_nf4(model)
     assert model.dtype == torch.float32
     err = (emb.dequantize() - w_emb).abs().max() / w_emb.abs().max()
     assert 0 < err < 0.25  # NF4: a quantization error, within the codebook's widest half-step

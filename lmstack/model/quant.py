@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmstack import cpu_kernels
 from lmstack.config import ConfigError, ModelConfig
 from lmstack.log import logger
 from lmstack.model.layers import FusedLinears, cpu_has
@@ -181,8 +182,13 @@ def quantize_nf4(w: torch.Tensor, block_size: int = NF4_BLOCK,
     return {"codes": pack_int4(codes), "absmax_q": q2, "absmax_scale": s2, "absmax_offset": offset.reshape(())}
 
 
-def nf4_absmax(t: dict[str, torch.Tensor], scale_block_size: int = NF4_SCALE_BLOCK) -> torch.Tensor:
-    """The double-dequantized per-block absmax (B,) fp32."""
+def nf4_absmax(t: dict[str, torch.Tensor], scale_block_size: int = NF4_SCALE_BLOCK,
+               blocks: torch.Tensor | None = None) -> torch.Tensor:
+    """The double-dequantized per-block absmax (B,) fp32; with `blocks` (int64 indices, any shape),
+    only those blocks' (an embedding lookup needs a few rows, not the whole table's)."""
+    if blocks is not None:
+        return t["absmax_q"][blocks].float() * t["absmax_scale"].float()[blocks // scale_block_size] \
+            + t["absmax_offset"].float()
     q2 = t["absmax_q"].float()
     s2 = t["absmax_scale"].float().repeat_interleave(scale_block_size)[: q2.numel()]
     return q2 * s2 + t["absmax_offset"].float()
@@ -194,8 +200,6 @@ def nf4_decode_flat(codes: torch.Tensor, absmax: torch.Tensor, start: int, n: in
     The C++ kernel (csrc/nf4_decode.cpp: fp32 / bf16 on CPU) writes only the result; the PyTorch ops
     (elsewhere, or kernel=False) give bit-identical values."""
     if kernel:
-        from lmstack import cpu_kernels
-
         out = cpu_kernels.nf4_decode(codes, absmax, _nf4_levels(codes.device), start, n, dtype)
         if out is not None:
             return out
@@ -611,7 +615,8 @@ class NF4Embedding(nn.Module):
             raise IndexError(f"token id out of range [0, {V}) for the embedding table")
         per_row = D // NF4_BLOCK  # each row is exactly `per_row` blocks: gather them
         codes = self.weight_codes.view(V, D // 2)[flat]  # (N, D/2)
-        absmax = nf4_absmax(self._tensors()).view(V, per_row)[flat]  # (N, D/64)
+        blocks = flat[:, None] * per_row + torch.arange(per_row, device=flat.device)  # (N, D/64)
+        absmax = nf4_absmax(self._tensors(), blocks=blocks)  # (N, D/64)
         vals = _nf4_pair_lut(codes.device).index_select(0, codes.reshape(-1).int()).view(-1, per_row, NF4_BLOCK)
         vals.mul_(absmax[..., None])  # (N, D/64, 64)
         return vals.view(*ids.shape, D).to(self.compute_dtype)  # (..., D)

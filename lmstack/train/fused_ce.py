@@ -76,9 +76,7 @@ class _QuantHeadLogProb(torch.autograd.Function):
         tgt = torch.zeros(n, dtype=acc, device=hidden.device)
         for v0 in range(0, V, vchunk):
             v1 = min(V, v0 + vchunk)
-            z = (h @ head.dequantize_rows(v0, v1, compute_dtype, absmax).t()).to(acc)  # (N, Vc)
-            if temperature != 1.0:
-                z.div_(temperature)
+            _, z = _chunk_logits(h, head, v0, v1, absmax, acc, temperature)  # (N, Vc)
             m_new = torch.maximum(m, z.amax(dim=1))
             s = s * (m - m_new).exp() + (z - m_new[:, None]).exp().sum(dim=1)
             m = m_new
@@ -99,15 +97,20 @@ class _QuantHeadLogProb(torch.autograd.Function):
         grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
         for v0 in range(0, head.out_features, vchunk):
             v1 = min(head.out_features, v0 + vchunk)
-            w = head.dequantize_rows(v0, v1, cdt, absmax)  # (Vc, D)
-            z = (h @ w.t()).to(acc)
-            if temperature != 1.0:
-                z.div_(temperature)
+            w, z = _chunk_logits(h, head, v0, v1, absmax, acc, temperature)
             p = z.sub_(lse[:, None]).exp_()  # softmax over this chunk's columns
             hit = ((targets >= v0) & (targets < v1)).nonzero().squeeze(1)
             p[hit, targets[hit] - v0] -= 1.0  # softmax - onehot
             grad_h += (p.mul_(coef).to(cdt) @ w).to(acc)
         return grad_h.to(hidden.dtype), None, None, None, None, None
+
+
+def _chunk_logits(h: torch.Tensor, head, v0: int, v1: int, absmax: torch.Tensor, acc: torch.dtype,
+                  temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vocabulary rows [v0, v1) of the head decoded in h's dtype (Vc, D), and h W_chunk^T / T in acc (N, Vc)."""
+    w = head.dequantize_rows(v0, v1, h.dtype, absmax)
+    z = (h @ w.t()).to(acc)
+    return w, (z.div_(temperature) if temperature != 1.0 else z)
 
 
 def quant_head_logps(hidden: torch.Tensor, head, targets: torch.Tensor, temperature: float = 1.0,

@@ -41,12 +41,12 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int 
     equal or better tokens/s."""
     hidden = model(batch["tokens"], batch["positions"])  # (B, T, D)
     labels = batch["labels"]  # (B, T), IGNORE where not a target
-    if hasattr(model.lm_head, "dequantize_rows"):  # NF4 head: decoded a vocabulary chunk at a time
-        total = fused_quant_head_nll(hidden, model.lm_head, labels, ignore_index=IGNORE)
-    else:
-        w = lm_head_weight(model)
-        chunk = chunk or min(1024, max(32, CE_CHUNK_LOGITS // w.shape[0]))
-        total = fused_linear_nll(hidden, w, labels, ignore_index=IGNORE, chunk=chunk)
+    head = lm_head_for_loss(model)
+    if isinstance(head, torch.Tensor):
+        chunk = chunk or min(1024, max(32, CE_CHUNK_LOGITS // head.shape[0]))
+        total = fused_linear_nll(hidden, head, labels, ignore_index=IGNORE, chunk=chunk)
+    else:  # NF4 head: decoded a vocabulary chunk at a time
+        total = fused_quant_head_nll(hidden, head, labels, ignore_index=IGNORE)
     return LossOutput(total, (labels != IGNORE).sum(), {})
 
 
