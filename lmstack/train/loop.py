@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lmstack.checkpoint.memory import check_fits_in_memory
 from lmstack.config import ConfigError, ModelConfig
 from lmstack.log import logger, progress
 from lmstack.malloc import keep_freed_memory, release_freed_memory
@@ -71,6 +72,8 @@ def build_model(cfg: TrainConfig, tokenizer: Any, device: torch.device, dtype: t
         if mcfg.vocab_size < tokenizer.vocab_size:
             raise ConfigError(f"model.init.vocab_size {mcfg.vocab_size} is smaller than the tokenizer's "
                               f"{tokenizer.vocab_size}")
+        n = mcfg.num_parameters()
+        check_fits_in_memory(n * torch.float32.itemsize, "cpu", f"model.init: {n:,} parameters in float32")
         model = Transformer(mcfg)
         model.init_weights()
         return model.to(device=device, dtype=dtype)
