@@ -31,7 +31,8 @@ from lmstack.log import logger, progress
 from lmstack.malloc import keep_freed_memory, release_freed_memory
 from lmstack.train.algos import LossOutput, Stage, get_stage
 from lmstack.train.config import InitConfig, TrainConfig, check_resume_compatible, config_to_yaml
-from lmstack.train.checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint
+from lmstack.train.checkpoint import (atomic_write_text, commit_dir, list_checkpoints, load_latest_checkpoint, rng_state,
+                                      save_checkpoint)
 from lmstack.train.data import ResumableSampler, split_eval
 from lmstack.train.distributed import DistInfo, all_reduce_, all_reduce_grads, init_distributed
 from lmstack.train.metrics import METRICS, MetricsWriter, plot_run
@@ -214,10 +215,14 @@ class _Run:
         return save_checkpoint(run_dir, step, self.di, self.named, self.optimizer, self.scheduler, sampler_state,
                                rng, self.tokens_seen, self.cfg.training.keep_checkpoints)
 
-    def load(self, ckpt: Path) -> None:
-        state = load_checkpoint(ckpt, self.di, self.named, self.optimizer, self.scheduler, self.sampler)
-        self.step = int(state["step"])
-        self.tokens_seen = int(state.get("tokens_seen", 0))
+    def resume(self, run_dir: Path) -> Path | None:
+        """Load the newest intact checkpoint of `run_dir` (None: nothing to resume)."""
+        found = load_latest_checkpoint(run_dir, self.di, self.named, self.optimizer, self.scheduler, self.sampler)
+        if found is None:
+            return None
+        ckpt, state = found
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        return ckpt
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -257,25 +262,27 @@ def evaluate(stage: Stage, model: nn.Module, data: list, cfg: TrainConfig, di: D
 
 
 def _save_final(cfg: TrainConfig, stage: Stage, model: nn.Module, tokenizer: Any, out: Path) -> Path:
-    final = out / FINAL_DIR
-    shutil.rmtree(final, ignore_errors=True)
-    final.mkdir(parents=True)
+    """The trained model (or adapter) + tokenizer files in out/final, written aside and renamed in, fsync'd."""
+    final, tmp = out / FINAL_DIR, out / f".tmp_{FINAL_DIR}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     if cfg.lora is not None:
         from lmstack.model.lora import save_adapter
         from lmstack.train.export import write_adapter_info
 
-        save_adapter(model, final, base_model_name_or_path=str(Path(cfg.model.path).resolve()) if cfg.model.path else "")
-        write_adapter_info(final, cfg.lora.qlora, cfg.lora.quantize_embeddings)
+        save_adapter(model, tmp, base_model_name_or_path=str(Path(cfg.model.path).resolve()) if cfg.model.path else "")
+        write_adapter_info(tmp, cfg.lora.qlora, cfg.lora.quantize_embeddings)
     else:
         from lmstack.model.loading import save_model
 
-        save_model(model, final)
+        save_model(model, tmp)
     src = Path(cfg.model.tokenizer_dir)
     for name in TOKENIZER_FILES:
-        if (src / name).is_file() and not (final / name).exists():
-            shutil.copy2(src / name, final / name)
+        if (src / name).is_file() and not (tmp / name).exists():
+            shutil.copy2(src / name, tmp / name)
     if hasattr(stage, "save_final"):
-        stage.save_final(model, final)
+        stage.save_final(model, tmp)
+    commit_dir(tmp, final)
     return final
 
 
@@ -311,7 +318,7 @@ def _train(stage_arg: Stage | str, cfg: TrainConfig, di: DistInfo, tokenizer: An
     check_resume_compatible(cfg, out)
     if di.main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config_to_yaml(cfg))
+        atomic_write_text(out / "config.yaml", config_to_yaml(cfg))
     _seed_all(tc.seed)
 
     # -- data --------------------------------------------------------------------------------
@@ -350,10 +357,14 @@ def _train(stage_arg: Stage | str, cfg: TrainConfig, di: DistInfo, tokenizer: An
     logger.info("stage %s: %d train / %d eval examples, %d steps of %d sequences, %.2fM trainable parameters",
                 stage.name, len(train_data), len(eval_data), run.max_steps, per_step, n_train / 1e6)
 
-    if ckpts:
-        run.load(ckpts[-1])
-        logger.info("resumed from %s (step %d)", ckpts[-1], run.step)
-    metrics = MetricsWriter(out / METRICS, di.main, run.step if ckpts else None)
+    resumed = run.resume(out) if ckpts else None
+    if resumed is not None:
+        logger.info("resumed from %s (step %d)", resumed, run.step)
+    metrics = MetricsWriter(out / METRICS, di.main, run.step if resumed is not None else None)
+
+    def save(sampler_state: dict[str, int], rng: dict[str, Any]) -> None:
+        metrics.sync()  # the rows up to this step are on disk when the checkpoint is
+        run.save(out, run.step, sampler_state, rng)
 
     # -- train -------------------------------------------------------------------------------
     bar = progress(total=run.max_steps, initial=run.step, desc=stage.name, disable=None if di.main else True)
@@ -389,9 +400,9 @@ def _train(stage_arg: Stage | str, cfg: TrainConfig, di: DistInfo, tokenizer: An
             if can_eval and tc.eval_every and run.step % tc.eval_every == 0 and run.step < run.max_steps:
                 metrics.write({"step": run.step, **evaluate(stage, model, eval_data, cfg, di)})
             if tc.save_every and run.step % tc.save_every == 0 and run.step < run.max_steps:
-                run.save(out, run.step, sampler.state_dict(), rng_state())
+                save(sampler.state_dict(), rng_state())
             if stop_at_step is not None and run.step >= stop_at_step and run.step < run.max_steps:
-                run.save(out, run.step, sampler.state_dict(), rng_state())
+                save(sampler.state_dict(), rng_state())
                 interrupted = True
                 break
     except KeyboardInterrupt:
@@ -399,7 +410,7 @@ def _train(stage_arg: Stage | str, cfg: TrainConfig, di: DistInfo, tokenizer: An
         run.optimizer.zero_grad(set_to_none=True)
         logger.warning("interrupted: saving a checkpoint at step %d in %s", run.step, out)
         if run.step > 0:
-            run.save(out, run.step, *step_start_state)
+            save(*step_start_state)
         interrupted = True
     finally:
         bar.close()
@@ -414,7 +425,7 @@ def _train(stage_arg: Stage | str, cfg: TrainConfig, di: DistInfo, tokenizer: An
                 plot_run(out)
             except Exception as e:  # plotting must never lose a finished run
                 logger.warning("could not plot %s: %s", out, e)
-        run.save(out, run.step, sampler.state_dict(), rng_state())
+        save(sampler.state_dict(), rng_state())
     return TrainResult(out, final_dir, run.step, interrupted, metrics.rows)
 
 

@@ -7,8 +7,34 @@ from pathlib import Path
 from typing import Any
 
 from lmstack.log import logger
+from lmstack.train.checkpoint import atomic_write_text, fsync_path
 
 METRICS = "metrics.jsonl"
+
+
+class MetricsError(ValueError):
+    """metrics.jsonl holds a line that is not a metrics row; the message names the file and line."""
+
+
+def _parse_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of metrics.jsonl. A bad LAST line is what a crash or power loss mid-append leaves (cut
+    short, or zero-filled): it is dropped with a warning. A bad line before it is an error naming it."""
+    lines = path.read_bytes().split(b"\n")
+    last = max((i for i, line in enumerate(lines) if line.strip(b" \t\r\x00")), default=-1)
+    rows = []
+    for i, line in enumerate(lines[: last + 1]):
+        try:
+            row = json.loads(line.decode("utf-8")) if line.strip() else None
+            if row is not None and not (isinstance(row, dict) and isinstance(row.get("step"), int)):
+                raise ValueError("not a JSON object with an integer 'step'")
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if i == last:
+                logger.warning("%s: line %d is cut short (%s); dropping it", path, i + 1, e)
+                break
+            raise MetricsError(f"{path}: line {i + 1} is not a metrics row ({e})") from None
+        if row is not None:
+            rows.append(row)
+    return rows
 
 
 class MetricsWriter:
@@ -16,10 +42,10 @@ class MetricsWriter:
         self.path, self.enabled = path, enabled
         self.rows: list[dict[str, Any]] = []
         if enabled and path.is_file():
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            # On resume, drop rows logged after the checkpoint (they will be recomputed).
-            self.rows = [r for r in rows if resume_step is not None and r.get("step", 0) <= resume_step]
-            path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+            # On resume, drop rows logged after the checkpoint (they will be recomputed); a new run starts empty.
+            if resume_step is not None:
+                self.rows = [r for r in _parse_rows(path) if r["step"] <= resume_step]
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def write(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -27,13 +53,17 @@ class MetricsWriter:
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
 
+    def sync(self) -> None:
+        """fsync the rows so far: called with each checkpoint, so they are on disk when it is."""
+        if self.enabled and self.path.is_file():
+            fsync_path(self.path)
+
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     p = Path(run_dir) / METRICS
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no metrics (is {run_dir} a training run directory?)")
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-
+    return _parse_rows(p)
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
