@@ -75,6 +75,7 @@ def _write_safetensors(path, header: dict | list | str, data: bytes = b"", n: in
     ("architectures", [{"x": 1}], "architectures[0] must be a string"),
     ("torch_dtype", 16, "must be a string"),
     ("sliding_window", 0, "must be positive"),
+    ("quantization_config", ["int8"], "quantization_config must be a JSON object"),
 ])
 def test_config_field_errors_name_the_file_and_field(model_dir, key, value, problem):
     path = _edit_config(model_dir, **{key: value})

@@ -21,7 +21,6 @@ import pytest
 import torch
 
 from lmstack.config import ConfigError
-from lmstack.model.loading import load_model
 from lmstack.train import checkpoint as ckpt_mod
 from lmstack.train.checkpoint import (OPTIMIZER, STATE, TRAINABLE, _optimizer_join, _optimizer_split,
                                       checkpoint_problem, list_checkpoints, load_rng, rng_state, save_rng,

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from lmstack.checkpoint.memory import check_fits_in_memory
 from lmstack.checkpoint.safetensors_io import CheckpointError, checkpoint_files, iter_safetensors, read_safetensors_header
-from lmstack.config import ModelConfig
+from lmstack.config import ConfigError, ModelConfig, read_json_object
 from lmstack.model.transformer import Transformer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -187,10 +187,13 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype | None = "auto", 
 
 
 def _quantization_config(path: Path) -> dict | None:
-    try:
-        return json.loads((path / "config.json").read_text()).get("quantization_config")
-    except (OSError, ValueError):
+    p = path / "config.json"
+    if not p.is_file():  # a ModelConfig passed in, no config.json: not quantized
         return None
+    q = read_json_object(p).get("quantization_config")
+    if q is not None and not isinstance(q, dict):
+        raise ConfigError(f"{p}: quantization_config must be a JSON object, got a JSON {type(q).__name__}")
+    return q
 
 
 def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:

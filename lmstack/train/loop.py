@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,17 +29,14 @@ from lmstack.config import ConfigError, ModelConfig
 from lmstack.log import logger, progress
 from lmstack.malloc import keep_freed_memory, release_freed_memory
 from lmstack.train.algos import LossOutput, Stage, get_stage
-from lmstack.train.config import InitConfig, TrainConfig, check_resume_compatible, config_to_yaml
-from lmstack.train.checkpoint import (atomic_write_text, commit_dir, list_checkpoints, load_latest_checkpoint, rng_state,
+from lmstack.train.checkpoint import (atomic_write_text, list_checkpoints, load_latest_checkpoint, rng_state,
                                       save_checkpoint)
+from lmstack.train.config import InitConfig, TrainConfig, check_resume_compatible, config_to_yaml
 from lmstack.train.data import ResumableSampler, split_eval
 from lmstack.train.distributed import DistInfo, all_reduce_, all_reduce_grads, init_distributed
+from lmstack.train.export import save_final
 from lmstack.train.metrics import METRICS, MetricsWriter, plot_run
 from lmstack.train.optim import make_optimizer, make_scheduler
-
-FINAL_DIR = "final"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "chat_template.json", "generation_config.json", "tokenizer.model", "vocab.json", "merges.txt")
 
 
 # ----------------------------------------------------------------------------- model building
@@ -261,31 +257,6 @@ def evaluate(stage: Stage, model: nn.Module, data: list, cfg: TrainConfig, di: D
     return res
 
 
-def _save_final(cfg: TrainConfig, stage: Stage, model: nn.Module, tokenizer: Any, out: Path) -> Path:
-    """The trained model (or adapter) + tokenizer files in out/final, written aside and renamed in, fsync'd."""
-    final, tmp = out / FINAL_DIR, out / f".tmp_{FINAL_DIR}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if cfg.lora is not None:
-        from lmstack.model.lora import save_adapter
-        from lmstack.train.export import write_adapter_info
-
-        save_adapter(model, tmp, base_model_name_or_path=str(Path(cfg.model.path).resolve()) if cfg.model.path else "")
-        write_adapter_info(tmp, cfg.lora.qlora, cfg.lora.quantize_embeddings)
-    else:
-        from lmstack.model.loading import save_model
-
-        save_model(model, tmp)
-    src = Path(cfg.model.tokenizer_dir)
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file() and not (tmp / name).exists():
-            shutil.copy2(src / name, tmp / name)
-    if hasattr(stage, "save_final"):
-        stage.save_final(model, tmp)
-    commit_dir(tmp, final)
-    return final
-
-
 def train(stage: Stage | str, cfg: TrainConfig, *, stop_at_step: int | None = None) -> TrainResult:
     """Run `stage` with `cfg` to training.max_steps (resuming from the run directory if it has a checkpoint).
 
@@ -420,7 +391,7 @@ def _train(stage_arg: Stage | str, cfg: TrainConfig, di: DistInfo, tokenizer: An
         if can_eval:
             metrics.write({"step": run.step, **evaluate(stage, model, eval_data, cfg, di)})
         if di.main:
-            final_dir = _save_final(cfg, stage, model, tokenizer, out)
+            final_dir = save_final(cfg, stage, model, out)
             try:
                 plot_run(out)
             except Exception as e:  # plotting must never lose a finished run
