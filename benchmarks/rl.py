@@ -155,7 +155,8 @@ def build_stage(kind: str, model: torch.nn.Module, cfg: ModelConfig, a: argparse
 
 
 def one_step(kind: str, backend_name: str, model, cfg: ModelConfig, a: argparse.Namespace, rm=None) -> dict[str, float]:
-    from lmstack.train.loop import DistInfo, forward_backward
+    from lmstack.train.distributed import DistInfo
+    from lmstack.train.loop import forward_backward
 
     stage, n_prompts = build_stage(kind, model, cfg, a)
     extra = stage.setup(model, torch.device("cpu"))

@@ -117,7 +117,8 @@ def run_lmstack(a: argparse.Namespace, mode: str) -> dict:
     from lmstack.train.algos.sft import SFT
     from lmstack.train.config import load_config
     from lmstack.train.data import Example, ResumableSampler
-    from lmstack.train.loop import DistInfo, _autocast, _prepare_model, _Run, _to_device, build_model
+    from lmstack.train.distributed import DistInfo
+    from lmstack.train.loop import _autocast, _prepare_model, _Run, _to_device, build_model
 
     mem = PeakMemory(a.device)
     dev = torch.device(a.device)

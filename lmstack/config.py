@@ -6,6 +6,8 @@ a set of flag values here, and `to_hf()` writes a config.json that transformers 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,57 @@ _CAUSAL_BY_TYPE = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
 _SEQ_CLS_BY_TYPE = {v: k for k, v in SEQ_CLS_ARCHITECTURES.items()}
 
 _ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+ACTIVATIONS = ("silu", "gelu_new", "gelu_pytorch_tanh", "gelu", "relu")  # model/layers.py implements these
+# RoPE angles are pos * inv_freq in float32, which holds every integer position exactly only up to 2^24;
+# no supported checkpoint comes near it (Qwen2.5-1M: 1,010,000) and a larger value is a corrupt file.
+MAX_POSITIONS = 1 << 24
+_ROPE_NUMBERS = ("factor", "low_freq_factor", "high_freq_factor", "attention_factor", "beta_fast", "beta_slow",
+                 "mscale", "mscale_all_dim")
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a JSON object",
+          list: "a JSON list", "ids": "an integer or a list of integers"}
+
+
+def check_value(where: str, value: Any, kind: Any, lo: float | None = None) -> Any:
+    """`value` if it has the JSON type `kind` (and is >= lo), else a ConfigError naming `where`.
+
+    Strict as JSON is typed: "64", 64.0 and true are not integers (Python numbers from a GGUF file or
+    numpy are, and come back as int / float)."""
+    if kind is int:
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    elif kind == "ids":
+        ok = (isinstance(value, numbers.Integral) and not isinstance(value, bool)) or (
+            isinstance(value, list) and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value))
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        shown = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
+        raise ConfigError(f"{where} must be {_KINDS[kind]}, got {shown} ({type(value).__name__})")
+    if kind is int:
+        value = int(value)
+    elif kind is float:
+        value = float(value)
+    if lo is not None and value < lo:
+        raise ConfigError(f"{where} must be {'positive' if lo == 1 and kind is int else f'>= {lo}'}, got {value}")
+    return value
+
+
+def read_json_object(path: Path, error: type[ConfigError] = ConfigError) -> dict[str, Any]:
+    """A JSON file that must hold an object; every failure names the file and what is wrong."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise error(f"{path}: file is missing") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        what = "empty file" if path.stat().st_size == 0 else f"invalid JSON ({e})"
+        raise error(f"{path}: {what}") from None
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, got a JSON {type(data).__name__}")
+    return data
 
 
 @dataclass
@@ -73,6 +126,31 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # unknown HF keys, written back verbatim
 
     def __post_init__(self) -> None:
+        # Types first (a validated dataclass): a config built in code gets the same checks as config.json.
+        for name in ("model_type", "pos", "norm", "act", "head", "torch_dtype"):
+            check_value(name, getattr(self, name), str)
+        for name in ("gated_mlp", "qkv_bias", "o_bias", "mlp_bias", "qk_norm", "tie_embeddings"):
+            check_value(name, getattr(self, name), bool)
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "max_position_embeddings", "num_labels"):
+            setattr(self, name, check_value(name, getattr(self, name), int, lo=1))
+        self.head_dim = check_value("head_dim", self.head_dim, int, lo=0)
+        self.norm_eps = check_value("norm_eps", self.norm_eps, float)
+        self.rope_theta = check_value("rope_theta", self.rope_theta, float)
+        self.initializer_range = check_value("initializer_range", self.initializer_range, float, lo=0)
+        if self.norm_eps <= 0 or self.rope_theta <= 0:
+            raise ConfigError(f"norm_eps and rope_theta must be positive, got {self.norm_eps} and {self.rope_theta}")
+        if self.sliding_window is not None:
+            self.sliding_window = check_value("sliding_window", self.sliding_window, int, lo=1)
+        for name in ("bos_token_id", "pad_token_id"):
+            if getattr(self, name) is not None:
+                setattr(self, name, check_value(name, getattr(self, name), int))
+        if self.eos_token_id is not None:
+            check_value("eos_token_id", self.eos_token_id, "ids")
+        check_value("extra", self.extra, dict)
+        if self.max_position_embeddings > MAX_POSITIONS:
+            raise ConfigError(f"max_position_embeddings {self.max_position_embeddings} is over lmstack's limit of "
+                              f"{MAX_POSITIONS} (2^24: float32 RoPE angles are exact only up to there)")
         if self.model_type not in _CAUSAL_BY_TYPE:
             raise ConfigError(
                 f"model_type {self.model_type!r} is not supported; supported: {sorted(_CAUSAL_BY_TYPE)}"
@@ -83,23 +161,22 @@ class ModelConfig:
                     f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_heads}"
                 )
             self.head_dim = self.hidden_size // self.num_heads
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_attention_heads {self.num_heads} must be a multiple of num_key_value_heads {self.num_kv_heads}"
             )
         if self.pos not in ("rope", "learned"):
             raise ConfigError(f"pos must be 'rope' or 'learned', got {self.pos!r}")
+        if self.pos == "rope" and self.head_dim % 2:
+            raise ConfigError(f"head_dim {self.head_dim} must be even for rotary position embeddings")
         if self.norm not in ("rms", "layer"):
             raise ConfigError(f"norm must be 'rms' or 'layer', got {self.norm!r}")
+        if self.act not in ACTIVATIONS:
+            raise ConfigError(f"activation {self.act!r} is not supported; supported: {list(ACTIVATIONS)}")
         if self.head not in ("lm", "score"):
             raise ConfigError(f"head must be 'lm' or 'score', got {self.head!r}")
         if self.rope_scaling is not None:
-            rtype = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
-            if rtype not in _ROPE_TYPES:
-                raise ConfigError(f"rope_scaling type {rtype!r} is not supported; supported: {list(_ROPE_TYPES)}")
+            _check_rope_scaling(check_value("rope_scaling", self.rope_scaling, dict))
 
     # ------------------------------------------------------------------ derived
     @property
@@ -107,6 +184,21 @@ class ModelConfig:
         if self.eos_token_id is None:
             return []
         return list(self.eos_token_id) if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+
+    def num_parameters(self) -> int:
+        """Parameters of the model this config builds (a tied head counted once), from the fields alone,
+        so that a model too large for memory is refused before anything is allocated."""
+        D, V, hd, H, Hkv, inner = (self.hidden_size, self.vocab_size, self.head_dim, self.num_heads,
+                                   self.num_kv_heads, self.intermediate_size)
+        norm = 2 * D if self.norm == "layer" else D  # LayerNorm has a bias
+        attn = 2 * D * H * hd + 2 * D * Hkv * hd  # q, o and k, v
+        attn += (H * hd + 2 * Hkv * hd if self.qkv_bias else 0) + (D if self.o_bias else 0)
+        attn += 2 * hd if self.qk_norm else 0
+        n_in = 2 if self.gated_mlp else 1  # gate and up, or up
+        mlp = (n_in + 1) * D * inner + (n_in * inner + D if self.mlp_bias else 0)
+        emb = V * D + (self.max_position_embeddings * D if self.pos == "learned" else 0)
+        head = D * self.num_labels if self.head == "score" else (0 if self.tie_embeddings else V * D)
+        return emb + self.num_layers * (attn + mlp + 2 * norm) + norm + head
 
     @property
     def architecture(self) -> str:
@@ -120,8 +212,14 @@ class ModelConfig:
     # ------------------------------------------------------------------ HF I/O
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> "ModelConfig":
-        archs = d.get("architectures") or []
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got a JSON {type(d).__name__}")
+        f = _HFFields(d, source)
+        archs = f.get("architectures", list) or []
         arch = archs[0] if archs else None
+        if arch is not None:
+            check_value(f"{source}: architectures[0]", arch, str)
+        check_value(f"{source}: model_type", d.get("model_type", ""), str)
         head = "lm"
         if arch in SUPPORTED_ARCHITECTURES:
             model_type = SUPPORTED_ARCHITECTURES[arch]
@@ -135,100 +233,96 @@ class ModelConfig:
                 f"supported: {sorted(SUPPORTED_ARCHITECTURES) + sorted(SEQ_CLS_ARCHITECTURES)}"
             )
 
-        def need(key: str) -> Any:
-            if key not in d:
-                raise ConfigError(f"{source}: required field {key!r} is missing")
-            return d[key]
-
-        used: set[str] = {"architectures", "model_type"}
-
-        def get(key: str, default: Any = None) -> Any:
-            used.add(key)
-            return d.get(key, default)
-
         if model_type == "gpt2":
-            for k in ("n_embd", "n_layer", "n_head", "vocab_size"):
-                need(k)
-            hidden = get("n_embd")
+            hidden = f.need("n_embd")
             kw = dict(
-                vocab_size=get("vocab_size"),
+                vocab_size=f.need("vocab_size"),
                 hidden_size=hidden,
-                intermediate_size=get("n_inner") or 4 * hidden,
-                num_layers=get("n_layer"),
-                num_heads=get("n_head"),
-                num_kv_heads=get("n_head"),
-                max_position_embeddings=get("n_positions", 1024),
-                norm_eps=get("layer_norm_epsilon", 1e-5),
+                intermediate_size=f.get("n_inner", int, 1) or 4 * hidden,
+                num_layers=f.need("n_layer"),
+                num_heads=f.need("n_head"),
+                num_kv_heads=d["n_head"],
+                max_position_embeddings=f.get("n_positions", int, 1, 1024),
+                norm_eps=f.get("layer_norm_epsilon", float, None, 1e-5),
                 pos="learned",
                 norm="layer",
-                act=get("activation_function", "gelu_new"),
+                act=f.get("activation_function", str, None, "gelu_new"),
                 gated_mlp=False,
                 qkv_bias=True,
                 o_bias=True,
                 mlp_bias=True,
-                tie_embeddings=get("tie_word_embeddings", True),
+                tie_embeddings=f.get("tie_word_embeddings", bool, None, True),
             )
         else:
             for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
-                need(k)
-            n_heads = get("num_attention_heads")
+                f.need(k)
+            n_layers = d["num_hidden_layers"]
             sliding = None
-            if model_type == "mistral":
-                sliding = get("sliding_window")
-            elif model_type in ("qwen2", "qwen3") and get("use_sliding_window", False):
-                sliding = get("sliding_window")
-            get("max_window_layers")
-            if model_type in ("qwen2", "qwen3") and d.get("use_sliding_window", False):
-                if d.get("max_window_layers", 0) < d["num_hidden_layers"]:
-                    raise ConfigError(
-                        f"{source}: use_sliding_window with max_window_layers < num_hidden_layers "
-                        "(sliding window on only some layers) is not supported"
-                    )
+            use_sliding = f.get("use_sliding_window", bool, None, False)
+            window_layers = f.get("max_window_layers", int, 0, 0)
+            if model_type == "mistral" or (model_type in ("qwen2", "qwen3") and use_sliding):
+                sliding = f.get("sliding_window", int, 1)
+            else:
+                f.get("sliding_window", int, 1)  # checked, unused
+            if model_type in ("qwen2", "qwen3") and use_sliding and window_layers < n_layers:
+                raise ConfigError(
+                    f"{source}: use_sliding_window with max_window_layers < num_hidden_layers "
+                    "(sliding window on only some layers) is not supported"
+                )
             # transformers >= 5 writes `rope_parameters` (theta inside); older files `rope_theta` + `rope_scaling`.
-            rope_params = dict(get("rope_parameters") or {})
-            rope_theta = float(rope_params.pop("rope_theta", None) or get("rope_theta", 10000.0))
-            rope_scaling = get("rope_scaling")
+            rope_params = dict(f.get("rope_parameters", dict) or {})
+            theta = rope_params.pop("rope_theta", None)
+            rope_theta = (check_value(f"{source}: rope_parameters.rope_theta", theta, float) if theta is not None
+                          else f.get("rope_theta", float, None, 10000.0))
+            rope_scaling = f.get("rope_scaling", dict)
             if rope_params and rope_params.get("rope_type", rope_params.get("type", "default")) != "default":
                 rope_scaling = rope_params
             if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default":
                 rope_scaling = None
-            act = get("hidden_act", "silu")
+            act = f.get("hidden_act", str, None, "silu")
             if act != "silu":
                 raise ConfigError(f"{source}: hidden_act {act!r} is not supported for {model_type} (only 'silu')")
+            attention_bias = f.get("attention_bias", bool, None, False)
+            n_heads = d["num_attention_heads"]
             kw = dict(
-                vocab_size=get("vocab_size"),
-                hidden_size=get("hidden_size"),
-                intermediate_size=get("intermediate_size"),
-                num_layers=get("num_hidden_layers"),
+                vocab_size=d["vocab_size"],
+                hidden_size=d["hidden_size"],
+                intermediate_size=d["intermediate_size"],
+                num_layers=n_layers,
                 num_heads=n_heads,
-                num_kv_heads=get("num_key_value_heads") or n_heads,
-                head_dim=get("head_dim") or 0,
-                max_position_embeddings=get("max_position_embeddings", 2048),
-                norm_eps=get("rms_norm_eps", 1e-6),
+                num_kv_heads=f.get("num_key_value_heads", int, 1) or n_heads,
+                head_dim=f.get("head_dim", int, 0) or 0,
+                max_position_embeddings=f.get("max_position_embeddings", int, 1, 2048),
+                norm_eps=f.get("rms_norm_eps", float, None, 1e-6),
                 rope_theta=rope_theta,
                 rope_scaling=rope_scaling,
                 act="silu",
-                qkv_bias=model_type == "qwen2" or bool(get("attention_bias", False)),
-                o_bias=bool(d.get("attention_bias", False)),
-                mlp_bias=bool(get("mlp_bias", False)),
+                qkv_bias=model_type == "qwen2" or attention_bias,
+                o_bias=attention_bias,
+                mlp_bias=f.get("mlp_bias", bool, None, False),
                 qk_norm=model_type == "qwen3",
-                tie_embeddings=get("tie_word_embeddings", False),
+                tie_embeddings=f.get("tie_word_embeddings", bool, None, False),
                 sliding_window=sliding,
             )
-            get("sliding_window")
-            get("use_sliding_window")
+        num_labels = 1
+        if head == "score":  # a causal LM's id2label / num_labels (if any) stay in `extra`, written back as read
+            id2label = f.get("id2label", dict)
+            num_labels = len(id2label) if id2label else f.get("num_labels", int, 1, 1)
         kw.update(
             model_type=model_type,
-            bos_token_id=get("bos_token_id"),
-            eos_token_id=get("eos_token_id"),
-            pad_token_id=get("pad_token_id"),
-            torch_dtype=str(get("torch_dtype") or get("dtype") or "float32"),
-            initializer_range=get("initializer_range", 0.02),
+            bos_token_id=f.get("bos_token_id", int),
+            eos_token_id=f.get("eos_token_id", "ids"),
+            pad_token_id=f.get("pad_token_id", int),
+            torch_dtype=f.get("torch_dtype", str) or f.get("dtype", str) or "float32",
+            initializer_range=f.get("initializer_range", float, 0, 0.02),
             head=head,
-            num_labels=len(d["id2label"]) if head == "score" and "id2label" in d else d.get("num_labels", 1),
+            num_labels=num_labels,
         )
-        kw["extra"] = {k: v for k, v in d.items() if k not in used}
-        return cls(**kw)
+        kw["extra"] = {k: v for k, v in d.items() if k not in f.used}
+        try:
+            return cls(**kw)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
     def from_hf(cls, model_dir: str | Path) -> "ModelConfig":
@@ -237,11 +331,7 @@ class ModelConfig:
             raise ConfigError(f"{model_dir}: not a directory (expected a Hugging Face model folder)")
         if not path.is_file():
             raise ConfigError(f"{path}: config.json is missing")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: invalid JSON ({e})") from None
-        return cls.from_hf_dict(d, source=str(path))
+        return cls.from_hf_dict(read_json_object(path), source=str(path))
 
     def to_hf(self) -> dict[str, Any]:
         d: dict[str, Any] = dict(self.extra)
@@ -283,6 +373,44 @@ class ModelConfig:
     def save(self, model_dir: str | Path) -> None:
         Path(model_dir).mkdir(parents=True, exist_ok=True)
         (Path(model_dir) / "config.json").write_text(json.dumps(self.to_hf(), indent=2) + "\n")
+
+
+class _HFFields:
+    """Typed reads of config.json keys: a missing required key, a wrong type or an out-of-range value is
+    an error naming the file and the key. JSON null reads as absent (transformers' default applies)."""
+
+    def __init__(self, d: dict[str, Any], source: str) -> None:
+        self.d, self.source = d, source
+        self.used: set[str] = {"architectures", "model_type"}
+
+    def get(self, key: str, kind: Any, lo: float | None = None, default: Any = None) -> Any:
+        self.used.add(key)
+        value = self.d.get(key)
+        return default if value is None else check_value(f"{self.source}: {key}", value, kind, lo)
+
+    def need(self, key: str) -> int:
+        """A required positive integer (a size)."""
+        if key not in self.d:
+            raise ConfigError(f"{self.source}: required field {key!r} is missing")
+        self.used.add(key)
+        return check_value(f"{self.source}: {key}", self.d[key], int, 1)
+
+
+def _check_rope_scaling(s: dict[str, Any]) -> None:
+    rtype = s.get("rope_type", s.get("type", "default"))
+    if rtype not in _ROPE_TYPES:
+        raise ConfigError(f"rope_scaling type {rtype!r} is not supported; supported: {list(_ROPE_TYPES)}")
+    for key in _ROPE_NUMBERS:
+        if s.get(key) is not None:
+            check_value(f"rope_scaling.{key}", s[key], float)
+    if s.get("original_max_position_embeddings") is not None:
+        check_value("rope_scaling.original_max_position_embeddings", s["original_max_position_embeddings"], int, lo=1)
+    if rtype in ("linear", "dynamic", "llama3") and not (isinstance(s.get("factor"), numbers.Real) and s["factor"] > 0):
+        raise ConfigError(f"rope_scaling type {rtype!r} needs a positive factor, got {s.get('factor')!r}")
+    if rtype == "llama3":
+        low, high = s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+        if not low < high:
+            raise ConfigError(f"rope_scaling: llama3 needs low_freq_factor < high_freq_factor, got {low} and {high}")
 
 
 def config_summary(cfg: ModelConfig) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import processors
 
-from lmstack.config import ConfigError
+from lmstack.config import ConfigError, read_json_object
 
 # The named special tokens transformers passes to every chat template (SPECIAL_TOKENS_ATTRIBUTES).
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -54,14 +54,14 @@ def _token_content(value: Any) -> str | None:
 
 
 def _read_json(path: Path) -> dict:
+    return read_json_object(path, TokenizerError)
+
+
+def _read_text(path: Path) -> str:
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise TokenizerError(f"{path}: invalid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"{path}: not UTF-8 text ({e})") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,10 +240,10 @@ class Tokenizer:
                                  f"got {type(raw).__name__}")
         # transformers >= 4.43 saves templates as files; they take precedence over the config entry.
         if (d / "chat_template.jinja").is_file():
-            templates["default"] = (d / "chat_template.jinja").read_text(encoding="utf-8")
+            templates["default"] = _read_text(d / "chat_template.jinja")
         if (d / "additional_chat_templates").is_dir():
             for f in sorted((d / "additional_chat_templates").glob("*.jinja")):
-                templates[f.stem] = f.read_text(encoding="utf-8")
+                templates[f.stem] = _read_text(f)
         if not templates:
             return None
         if list(templates) == ["default"]:

@@ -20,6 +20,7 @@ from lmstack.train.algos.grpo import GRPO
 from lmstack.train.algos.ppo import PPO, ValueHead
 from lmstack.train.config import load_config
 from lmstack.train.loop import train
+from lmstack.train.metrics import read_metrics
 from tests.train_fixtures import make_model_dir, one_thread, write_jsonl  # noqa: F401  (one_thread: autouse)
 
 HERE = "tests.test_align_online"
@@ -116,7 +117,7 @@ def test_grpo_cli_runs_through_engine_and_updates_params(env, tmp_path, monkeypa
     before = load_model(str(env["model"]))
     after = load_model(str(out / "final"))
     assert changed(params(before), params(after))
-    rows = loop_mod.read_metrics(out)
+    rows = read_metrics(out)
     train_rows = [r for r in rows if "loss" in r]
     assert len(train_rows) == 2 and all(math.isfinite(r["loss"]) for r in train_rows)
     for k in ("reward", "reward_std", "accuracy", "completion_len", "clipfrac", "approx_kl"):

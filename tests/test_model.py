@@ -6,10 +6,11 @@ import json
 import pytest
 import torch
 
+from lmstack.checkpoint.safetensors_io import CheckpointError
 from lmstack.config import ConfigError, ModelConfig
 from lmstack.generate import generate
 from lmstack.model.attention import DenseMeta
-from lmstack.model.loading import CheckpointError, load_model, save_model
+from lmstack.model.loading import load_model, save_model
 from tests.fixtures import FAMILIES, make_tiny_hf
 
 PROMPTS = [[5, 17, 33, 8, 120, 99, 4], [250, 3], list(range(10, 50)), [77] * 13]

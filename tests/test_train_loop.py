@@ -15,7 +15,10 @@ from lmstack.model.loading import load_model
 from lmstack.tokenizer import Tokenizer
 from lmstack.train.algos.sft import SFT
 from lmstack.train.config import load_config
-from lmstack.train.loop import DistInfo, forward_backward, lr_factor, plot_run, read_metrics, train
+from lmstack.train.distributed import DistInfo
+from lmstack.train.loop import forward_backward, train
+from lmstack.train.metrics import plot_run, read_metrics
+from lmstack.train.optim import lr_factor
 from tests.tok_fixtures import build_test_tokenizer
 from tests.train_fixtures import base_cfg, make_model_dir, sft_rows, write_jsonl, one_thread  # noqa: F401 (autouse fixture)
 

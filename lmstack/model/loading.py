@@ -1,34 +1,24 @@
 """Checkpoint I/O by Hugging Face parameter names: safetensors in (single or sharded), safetensors out.
 
-Reading is memory-mapped: each tensor is viewed straight from the mapped file, copied once into
-its parameter, and its pages are released (madvise DONTNEED), so peak RSS stays near the size of
-the weights rather than twice it.
+Reading (lmstack/checkpoint/safetensors_io.py) is memory-mapped and validated from the headers
+before anything is allocated; each tensor is copied once into its parameter.
 """
 from __future__ import annotations
 
 import json
-import mmap
-import struct
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from safetensors.torch import save_file
 
-from lmstack.config import ConfigError, ModelConfig
+from lmstack.checkpoint.memory import check_fits_in_memory
+from lmstack.checkpoint.safetensors_io import CheckpointError, checkpoint_files, iter_safetensors, read_safetensors_header
+from lmstack.config import ConfigError, ModelConfig, read_json_object
 from lmstack.model.transformer import Transformer
 
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be loaded; the message names the file and tensor."""
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, cfg: ModelConfig | None = None) -> torch.dtype:
@@ -39,78 +29,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, cfg: ModelConfig | None = Non
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)} or 'auto'")
     return DTYPES[dtype]
-
-
-# ------------------------------------------------------------------------------------------ reading
-def _read_header(path: Path, mm: mmap.mmap) -> tuple[dict, int]:
-    size = len(mm)
-    if size < 8:
-        raise CheckpointError(f"{path}: file is truncated ({size} bytes; not a safetensors file)")
-    (n,) = struct.unpack("<Q", mm[:8])
-    if 8 + n > size:
-        raise CheckpointError(f"{path}: header length {n} runs past the end of the file ({size} bytes): truncated")
-    try:
-        header = json.loads(mm[8: 8 + n])
-    except ValueError as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    header.pop("__metadata__", None)
-    return header, 8 + n
-
-
-def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (name, tensor view into the mapped file). Copy what you keep before the next item."""
-    path = Path(path)
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mm:
-        header, base = _read_header(path, mm)
-        size = len(mm)
-        for name, info in header.items():
-            start, end = info["data_offsets"]
-            if base + end > size:
-                raise CheckpointError(
-                    f"{path}: tensor {name!r} needs bytes up to {base + end} but the file has {size}: truncated"
-                )
-            dtype = _ST_DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-            shape = info["shape"]
-            n = 1
-            for s in shape:
-                n *= s
-            if n == 0:
-                yield name, torch.empty(shape, dtype=dtype)
-                continue
-            t = torch.frombuffer(mm, dtype=dtype, count=n, offset=base + start).view(shape)
-            yield name, t
-            del t
-            # Give back the pages of this tensor: we have copied it, and keeping them would double RSS.
-            page = mmap.PAGESIZE
-            lo = (base + start) // page * page
-            try:
-                mm.madvise(mmap.MADV_DONTNEED, lo, base + end - lo)
-            except (AttributeError, OSError, ValueError):
-                pass
-
-
-def checkpoint_files(model_dir: str | Path) -> list[Path]:
-    d = Path(model_dir)
-    index = d / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{index}: invalid index file ({e})") from None
-        files = sorted({d / f for f in weight_map.values()})
-        for f in files:
-            if not f.is_file():
-                raise CheckpointError(f"{index}: shard {f.name} is missing")
-        return files
-    single = d / "model.safetensors"
-    if single.is_file():
-        return [single]
-    if (d / "pytorch_model.bin").is_file():
-        raise CheckpointError(f"{d}: only pytorch_model.bin found; lmstack reads safetensors (re-save with "
-                              "safe_serialization=True)")
-    raise CheckpointError(f"{d}: no model.safetensors or model.safetensors.index.json")
 
 
 # ----------------------------------------------------------------------- HF name <-> lmstack name
@@ -180,43 +98,59 @@ def _to_canonical(cfg: ModelConfig, name: str, t: torch.Tensor) -> list[tuple[st
 
 
 # ------------------------------------------------------------------------------------ load / save
-def load_state_dict_into(model: Transformer, files: list[Path], dtype: torch.dtype, strict: bool = True) -> None:
-    """Copies every tensor of `files` into `model` by name, checking names and shapes."""
+def _checked_pairs(model: Transformer, files: dict[Path, Iterable[tuple[str, torch.Tensor]]]
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(parameter, checkpoint tensor) for every tensor of `files` by name, refusing unexpected, misshapen
+    and (at the end) missing tensors. Run once over meta tensors made from the headers, it checks a
+    checkpoint against config.json before anything is allocated."""
     cfg = model.config
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
     seen: set[str] = set()
-    tied = cfg.tie_embeddings
-    for f in files:
-        for hf_name, t in iter_safetensors(f):
+    for f, items in files.items():
+        for hf_name, t in items:
             for name, tensor in _to_canonical(cfg, hf_name, t):
-                if name == "lm_head.weight" and tied:
+                if name == "lm_head.weight" and cfg.tie_embeddings:
                     continue  # some tied checkpoints store a copy; the tied parameter is embed_tokens
                 p = params.get(name)
                 if p is None:
-                    if strict:
-                        raise CheckpointError(f"{f}: unexpected tensor {hf_name!r} for {cfg.architecture}")
-                    continue
+                    raise CheckpointError(f"{f}: unexpected tensor {hf_name!r} for {cfg.architecture}")
                 if tuple(p.shape) != tuple(tensor.shape):
                     raise CheckpointError(
                         f"{f}: tensor {hf_name!r} has shape {tuple(tensor.shape)}, expected {tuple(p.shape)} "
                         f"from config.json"
                     )
-                with torch.no_grad():
-                    p.copy_(tensor.to(dtype) if p.is_floating_point() else tensor)
+                if tensor.dtype == torch.bool and p.is_floating_point():
+                    raise CheckpointError(f"{f}: tensor {hf_name!r} has dtype bool, expected a floating-point tensor")
+                yield p, tensor
                 seen.add(name)
     expected = {n for n, _ in model.named_parameters()}
-    if tied:
+    if cfg.tie_embeddings:
         expected.discard("lm_head.weight")
     missing = sorted(expected - seen)
-    if missing and strict:
+    if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise CheckpointError(f"{files[0].parent}: missing tensors ({len(missing)}): {shown}")
+        raise CheckpointError(f"{next(iter(files)).parent}: missing tensors ({len(missing)}): {shown}")
+
+
+def _header_tensors(path: Path) -> list[tuple[str, torch.Tensor]]:
+    return [(n, torch.empty(t.shape, dtype=t.dtype, device="meta")) for n, t in read_safetensors_header(path)[0].items()]
+
+
+def load_state_dict_into(model: Transformer, files: list[Path], dtype: torch.dtype) -> None:
+    """Copies every tensor of `files` into `model` by name, checking names and shapes."""
+    with torch.no_grad():
+        for p, tensor in _checked_pairs(model, {f: iter_safetensors(f) for f in files}):
+            p.copy_(tensor.to(dtype) if p.is_floating_point() else tensor)
 
 
 def load_model(model_dir: str | Path, dtype: str | torch.dtype | None = "auto", device: str | torch.device = "cpu",
                config: ModelConfig | None = None) -> Transformer:
-    """HF folder -> Transformer in eval mode. `dtype="auto"` keeps the checkpoint's torch_dtype."""
+    """HF folder -> Transformer in eval mode. `dtype="auto"` keeps the checkpoint's torch_dtype.
+
+    Everything that can be checked without the weights is checked before they are allocated:
+    config.json's fields, that the weights fit in memory, and every file's header, tensor names and
+    shapes against the config."""
     path = Path(model_dir)
     if path.suffix == ".gguf":
         from lmstack.gguf_io import load_gguf_model
@@ -225,15 +159,23 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype | None = "auto", 
         return model.to(device)
     cfg = config or ModelConfig.from_hf(path)
     qcfg = _quantization_config(path)
+    files = checkpoint_files(path)
+    headers = {f: _header_tensors(f) for f in files}  # every file's header validated up front
     if qcfg is not None:
         from lmstack.model.quant import load_quantized
 
+        # the quantized tensors are read whole (their size is in the headers); float modules beside them
+        stored = sum(t.numel() * t.element_size() for ts in headers.values() for _, t in ts)
+        check_fits_in_memory(stored, "cpu", f"{path}: the quantized checkpoint's tensors")
         return load_quantized(path, cfg, resolve_dtype(dtype, cfg), qcfg).to(device).eval()
     dt = resolve_dtype(dtype, cfg)
-    files = checkpoint_files(path)
+    check_fits_in_memory(cfg.num_parameters() * dt.itemsize, device,
+                         f"{path / 'config.json'}: {cfg.num_parameters():,} parameters in {str(dt).removeprefix('torch.')}")
     with torch.device("meta"):
         model = Transformer(cfg)
-    model = model.to_empty(device=device).to(dt)
+    for _ in _checked_pairs(model, headers):  # names and shapes against config.json, nothing allocated yet
+        pass
+    model = model.to(dt).to_empty(device=device)  # allocated once, in the final dtype
     if model.rotary is not None:  # non-persistent buffer: recompute rather than load
         from lmstack.model.rope import RotaryEmbedding
 
@@ -245,10 +187,13 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype | None = "auto", 
 
 
 def _quantization_config(path: Path) -> dict | None:
-    try:
-        return json.loads((path / "config.json").read_text()).get("quantization_config")
-    except (OSError, ValueError):
+    p = path / "config.json"
+    if not p.is_file():  # a ModelConfig passed in, no config.json: not quantized
         return None
+    q = read_json_object(p).get("quantization_config")
+    if q is not None and not isinstance(q, dict):
+        raise ConfigError(f"{p}: quantization_config must be a JSON object, got a JSON {type(q).__name__}")
+    return q
 
 
 def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:

@@ -18,9 +18,10 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from lmstack.config import ConfigError
+from lmstack.checkpoint.safetensors_io import load_safetensors
+from lmstack.config import ConfigError, check_value, read_json_object
 from lmstack.log import logger
 from lmstack.model.layers import Linear
 
@@ -285,7 +286,11 @@ def read_adapter_config(adapter_dir: str | Path) -> LoraSpec:
     path = Path(adapter_dir) / ADAPTER_CONFIG
     if not path.is_file():
         raise ConfigError(f"{path}: adapter_config.json is missing (not a PEFT adapter folder)")
-    d = json.loads(path.read_text())
+    d = read_json_object(path)
+    check_value(f"{path}: r", d.get("r"), int, lo=1)
+    for key in ("lora_alpha", "lora_dropout"):
+        if d.get(key) is not None:
+            check_value(f"{path}: {key}", d[key], float)
     if d.get("peft_type", "LORA") != "LORA":
         raise ConfigError(f"{path}: peft_type {d.get('peft_type')!r} is not supported (only LORA)")
     if d.get("use_dora"):
@@ -304,7 +309,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     wpath = Path(adapter_dir) / ADAPTER_WEIGHTS
     if not wpath.is_file():
         raise ConfigError(f"{wpath}: adapter weights are missing")
-    sd = load_file(str(wpath))
+    sd = load_safetensors(wpath)
     mods = lora_modules(model)
     seen = set()
     for key, t in sd.items():

@@ -780,7 +780,7 @@ def save_quantized(model: nn.Module, out_dir: str | Path, skip: Iterable[str] = 
 
 
 def _read_all(model_dir: Path) -> dict[str, torch.Tensor]:
-    from lmstack.model.loading import checkpoint_files, iter_safetensors
+    from lmstack.checkpoint.safetensors_io import checkpoint_files, iter_safetensors
 
     out = {}
     for f in checkpoint_files(model_dir):

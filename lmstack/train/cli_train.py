@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"final {'adapter' if cfg.lora is not None else 'model'}: {res.final_dir}")
         return 130 if res.interrupted else 0
     if cmd == "plot":
-        from lmstack.train.loop import plot_run
+        from lmstack.train.metrics import plot_run
 
         paths = plot_run(args.run_dir)
         if not paths:

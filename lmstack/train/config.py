@@ -185,10 +185,11 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-# Keys that may differ between a run and its resumption (they do not change what is computed).
+# Keys that may differ between a run and its resumption (they do not change what is computed; a run
+# directory copied or moved elsewhere resumes from where it now is).
 RESUME_MUTABLE = {"training.max_steps", "training.epochs", "training.eval_every", "training.save_every",
                   "training.log_every", "training.resume", "training.keep_checkpoints", "training.eval_batches",
-                  "training.device"}
+                  "training.device", "training.out_dir"}
 
 
 # ----------------------------------------------------------------------------- generic conversion
@@ -383,7 +384,10 @@ def check_resume_compatible(cfg: TrainConfig, run_dir: str | Path) -> None:
     saved_path = Path(run_dir) / "config.yaml"
     if not saved_path.is_file():
         return
-    saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
+    try:
+        saved = _flatten(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {})
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{saved_path}: cannot be read as this run's configuration ({type(e).__name__}: {e})") from None
     now = _flatten(yaml.safe_load(config_to_yaml(cfg)))
     diffs = [k for k in sorted(set(saved) | set(now))
              if k not in RESUME_MUTABLE and saved.get(k, "<absent>") != now.get(k, "<absent>")]

@@ -1,19 +1,25 @@
-"""`lmstack export`: fold a LoRA / QLoRA adapter into its base model and write a full HF checkpoint."""
+"""What a run leaves behind: its final model or adapter folder, and `lmstack export`, which folds a
+LoRA / QLoRA adapter into its base model and writes a full HF checkpoint."""
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from lmstack.config import ConfigError
 from lmstack.log import logger
+from lmstack.train.checkpoint import commit_dir
+from lmstack.train.config import TrainConfig
 
 # Written next to a PEFT adapter by lmstack (PEFT ignores extra files): how the adapter was trained.
 TRAINING_INFO = "lmstack_adapter.json"
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                    "generation_config.json")
+FINAL_DIR = "final"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json", "tokenizer.model", "vocab.json", "merges.txt")
 
 
 def write_adapter_info(adapter_dir: str | Path, qlora: bool, quantize_embeddings: bool = False) -> None:
@@ -24,6 +30,30 @@ def write_adapter_info(adapter_dir: str | Path, qlora: bool, quantize_embeddings
 def _adapter_info(adapter_dir: str | Path) -> dict:
     p = Path(adapter_dir) / TRAINING_INFO
     return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def save_final(cfg: TrainConfig, stage: Any, model: nn.Module, out: Path) -> Path:
+    """The trained model (or adapter) + tokenizer files in out/final, written aside and renamed in, fsync'd."""
+    final, tmp = out / FINAL_DIR, out / f".tmp_{FINAL_DIR}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if cfg.lora is not None:
+        from lmstack.model.lora import save_adapter
+
+        save_adapter(model, tmp, base_model_name_or_path=str(Path(cfg.model.path).resolve()) if cfg.model.path else "")
+        write_adapter_info(tmp, cfg.lora.qlora, cfg.lora.quantize_embeddings)
+    else:
+        from lmstack.model.loading import save_model
+
+        save_model(model, tmp)
+    src = Path(cfg.model.tokenizer_dir)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file() and not (tmp / name).exists():
+            shutil.copy2(src / name, tmp / name)
+    if hasattr(stage, "save_final"):
+        stage.save_final(model, tmp)
+    commit_dir(tmp, final)
+    return final
 
 
 def adapter_was_qlora(adapter_dir: str | Path) -> bool:
@@ -63,7 +93,7 @@ def export_merged(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
     load_adapter(model, adapter_dir)
     merge_lora(model, dequant_dtype=torch.bfloat16)
     save_model(model, out, dtype=save_dtype)
-    for name in _TOKENIZER_FILES:
+    for name in TOKENIZER_FILES:
         for src in (adapter_dir / name, base_dir / name):
             if src.is_file():
                 shutil.copy2(src, out / name)

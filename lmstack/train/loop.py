@@ -1,116 +1,42 @@
 """THE training loop: one `train(stage, cfg)` for pretraining, SFT and every alignment stage.
 
-It owns AdamW, warmup + decay schedule, gradient accumulation, clipping, bf16 autocast, gradient
-checkpointing, evaluation, checkpoints with exact resume, metrics, and data parallelism. Stages
+It owns gradient accumulation, clipping, bf16 autocast, gradient checkpointing, evaluation and the
+order of things; the optimizer and schedule (optim.py), checkpoints with exact resume
+(checkpoint.py), metrics (metrics.py) and data parallelism (distributed.py) live beside it. Stages
 only say how to batch and what the loss is (lmstack/train/algos/__init__.py).
 
 Accumulation is exact: a stage returns a loss SUM and its unit count; gradients of the sums are
 accumulated over the window and then divided by the window's total count (all ranks), so
 batch 8 x accum 1, batch 1 x accum 8 and 2 processes x accum 4 all take the same step.
-
-Data parallelism: under torchrun (WORLD_SIZE > 1) each rank takes its shard of every global batch
-and gradients are summed with one bucketed all-reduce per optimizer step (gloo on CPU, NCCL on
-GPU) -- DDP's arithmetic, done once per step instead of hooked into backward, which keeps the
-stages free to call model parts (lm_head, value heads) outside `forward`.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import random
-import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lmstack.checkpoint.memory import check_fits_in_memory
 from lmstack.config import ConfigError, ModelConfig
 from lmstack.log import logger, progress
 from lmstack.malloc import keep_freed_memory, release_freed_memory
 from lmstack.train.algos import LossOutput, Stage, get_stage
+from lmstack.train.checkpoint import (atomic_write_text, list_checkpoints, load_latest_checkpoint, rng_state,
+                                      save_checkpoint)
 from lmstack.train.config import InitConfig, TrainConfig, check_resume_compatible, config_to_yaml
 from lmstack.train.data import ResumableSampler, split_eval
-
-CKPT_DIR = "checkpoints"
-FINAL_DIR = "final"
-METRICS = "metrics.jsonl"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "chat_template.json", "generation_config.json", "tokenizer.model", "vocab.json", "merges.txt")
-
-
-# ----------------------------------------------------------------------------- distributed
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    owns_group: bool = False  # this call created the process group and must destroy it
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Read torchrun's env vars; start a process group when WORLD_SIZE > 1 (NCCL on GPU, else gloo)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    owns = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
-        owns = True
-    return DistInfo(rank, world, local, dev, owns)
-
-
-def _all_reduce_(t: torch.Tensor, di: DistInfo) -> torch.Tensor:
-    if di.world > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def _all_reduce_grads(params: list[nn.Parameter], di: DistInfo, bucket_numel: int = 1 << 24) -> None:
-    """Sum gradients across ranks in flat buckets (a few large all-reduces instead of one per tensor)."""
-    if di.world == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    bucket: list[torch.Tensor] = []
-    size = 0
-
-    def flush() -> None:
-        if not bucket:
-            return
-        flat = torch.cat([g.reshape(-1).float() for g in bucket])  # (sum numel,)
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        off = 0
-        for g in bucket:
-            g.copy_(flat[off: off + g.numel()].view_as(g))
-            off += g.numel()
-        bucket.clear()
-
-    for g in grads:
-        bucket.append(g)
-        size += g.numel()
-        if size >= bucket_numel:
-            flush()
-            size = 0
-    flush()
+from lmstack.train.distributed import DistInfo, all_reduce_, all_reduce_grads, init_distributed
+from lmstack.train.export import save_final
+from lmstack.train.metrics import METRICS, MetricsWriter, plot_run
+from lmstack.train.optim import make_optimizer, make_scheduler
 
 
 # ----------------------------------------------------------------------------- model building
@@ -143,6 +69,8 @@ def build_model(cfg: TrainConfig, tokenizer: Any, device: torch.device, dtype: t
         if mcfg.vocab_size < tokenizer.vocab_size:
             raise ConfigError(f"model.init.vocab_size {mcfg.vocab_size} is smaller than the tokenizer's "
                               f"{tokenizer.vocab_size}")
+        n = mcfg.num_parameters()
+        check_fits_in_memory(n * torch.float32.itemsize, "cpu", f"model.init: {n:,} parameters in float32")
         model = Transformer(mcfg)
         model.init_weights()
         return model.to(device=device, dtype=dtype)
@@ -171,34 +99,6 @@ def _prepare_model(cfg: TrainConfig, model: nn.Module) -> None:
                     if cfg.lora.qlora else "")
     if cfg.training.gradient_checkpointing:
         model.gradient_checkpointing = True
-
-
-# ----------------------------------------------------------------------------- optimisation
-def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then decay to min_ratio."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress_ = min(1.0, (step - warmup) / max(1, total - warmup))
-    if schedule == "linear":
-        return 1.0 - (1.0 - min_ratio) * progress_
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress_))
-
-
-def make_optimizer(params: list[tuple[str, nn.Parameter]], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    # No weight decay on biases and norm gains (1-D tensors): decaying them only hurts (GPT-2/3 practice).
-    decay = [p for n, p in params if p.dim() >= 2]
-    no_decay = [p for n, p in params if p.dim() < 2]
-    groups = [g for g in ({"params": decay, "weight_decay": cfg.optim.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    kw: dict[str, Any] = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    # The fused kernel (CUDA, and CPU since torch 2.4) updates in place: fastest, and unlike foreach it
-    # allocates no temporary copy of every parameter (which would raise peak memory by a model's size).
-    try:
-        return torch.optim.AdamW(groups, fused=True, **kw)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW(groups, foreach=device.type == "cuda", **kw)
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
@@ -244,9 +144,9 @@ def forward_backward(stage: Stage, model: nn.Module, micro_batches: list[dict[st
             metrics[k] = metrics.get(k, 0.0) + _scalar(v) / len(micro_batches)
     if di.world > 1:
         total = total.to(di.device if di.device.type == "cuda" else "cpu")
-        _all_reduce_(total, di)
+        all_reduce_(total, di)
         total = total.cpu()
-    _all_reduce_grads(params, di)
+    all_reduce_grads(params, di)
     count = float(total[1])
     if count <= 0:
         raise RuntimeError("this step's batches contain no target units (all labels masked?)")
@@ -254,34 +154,6 @@ def forward_backward(stage: Stage, model: nn.Module, micro_batches: list[dict[st
         if p.grad is not None:
             p.grad.div_(count)
     return float(total[0]) / count, count, metrics
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def _rng_state() -> dict[str, Any]:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict[str, Any]) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def _trainable_state(named: list[tuple[str, nn.Parameter]]) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous().clone() for n, p in named}
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    root = Path(run_dir) / CKPT_DIR
-    if not root.is_dir():
-        return []
-    steps = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / "trainer_state.json").is_file()]
-    return sorted(steps, key=lambda p: int(p.name.split("_")[1]))
 
 
 @dataclass
@@ -310,11 +182,9 @@ class _Run:
         if not self.named:
             raise ConfigError("nothing to train: every parameter is frozen")
         self.params = [p for _, p in self.named]
-        self.optimizer = make_optimizer(self.named, cfg, di.device)
+        self.optimizer = make_optimizer(self.named, cfg.optim, di.device)
         self.max_steps = 0
-        o = cfg.optim
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, o.warmup_steps, self.max_steps, o.schedule, o.min_lr_ratio))
+        self.scheduler = make_scheduler(self.optimizer, cfg.optim, lambda: self.max_steps)
         self.step = 0
         self.tokens_seen = 0
         self.buffer: list[dict[str, Any]] = []  # rollout micro-batches not consumed yet (online stages)
@@ -338,81 +208,17 @@ class _Run:
 
     # -- save / load -------------------------------------------------------------------------
     def save(self, run_dir: Path, step: int, sampler_state: dict[str, int], rng: dict[str, Any]) -> Path:
-        root = run_dir / CKPT_DIR
-        final = root / f"step_{step:07d}"
-        tmp = root / f".tmp_step_{step:07d}"
-        if self.di.main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True, exist_ok=True)
-        self._barrier()
-        torch.save(rng, tmp / f"rng_rank{self.di.rank}.pt")
-        if self.di.main:
-            save_file(_trainable_state(self.named), str(tmp / "trainable.safetensors"))
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            state = {"step": step, "sampler": sampler_state, "scheduler": self.scheduler.state_dict(),
-                     "tokens_seen": self.tokens_seen, "world": self.di.world}
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        self._barrier()
-        if self.di.main:
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            keep = self.cfg.training.keep_checkpoints
-            if keep:
-                for old in list_checkpoints(run_dir)[:-keep]:
-                    shutil.rmtree(old, ignore_errors=True)
-        self._barrier()
-        return final
+        return save_checkpoint(run_dir, step, self.di, self.named, self.optimizer, self.scheduler, sampler_state,
+                               rng, self.tokens_seen, self.cfg.training.keep_checkpoints)
 
-    def load(self, ckpt: Path) -> None:
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        if state.get("world", 1) != self.di.world:
-            raise ConfigError(f"{ckpt} was written by {state.get('world')} processes; resuming with "
-                              f"{self.di.world} would change the data order")
-        sd = load_file(str(ckpt / "trainable.safetensors"))
-        names = {n for n, _ in self.named}
-        if set(sd) != names:
-            raise ConfigError(f"{ckpt}: checkpoint parameters do not match this run's trainable parameters "
-                              f"(missing {sorted(names - set(sd))[:3]}, unexpected {sorted(set(sd) - names)[:3]})")
-        with torch.no_grad():
-            for n, p in self.named:
-                p.copy_(sd[n].to(p.dtype))
-        self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=self.di.device, weights_only=True))
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.sampler.load_state_dict(state["sampler"])
-        self.step = int(state["step"])
-        self.tokens_seen = int(state.get("tokens_seen", 0))
-        rng_file = ckpt / f"rng_rank{self.di.rank}.pt"
-        if rng_file.is_file():
-            _set_rng_state(torch.load(rng_file, weights_only=False))
-
-    def _barrier(self) -> None:
-        if self.di.world > 1:
-            dist.barrier()
-
-
-# ----------------------------------------------------------------------------- metrics
-class MetricsWriter:
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None) -> None:
-        self.path, self.enabled = path, enabled
-        self.rows: list[dict[str, Any]] = []
-        if enabled and path.is_file():
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            # On resume, drop rows logged after the checkpoint (they will be recomputed).
-            self.rows = [r for r in rows if resume_step is not None and r.get("step", 0) <= resume_step]
-            path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-
-    def write(self, row: dict[str, Any]) -> None:
-        self.rows.append(row)
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    p = Path(run_dir) / METRICS
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: no metrics (is {run_dir} a training run directory?)")
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    def resume(self, run_dir: Path) -> Path | None:
+        """Load the newest intact checkpoint of `run_dir` (None: nothing to resume)."""
+        found = load_latest_checkpoint(run_dir, self.di, self.named, self.optimizer, self.scheduler, self.sampler)
+        if found is None:
+            return None
+        ckpt, state = found
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        return ckpt
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -443,35 +249,12 @@ def evaluate(stage: Stage, model: nn.Module, data: list, cfg: TrainConfig, di: D
             with _autocast(cfg, di.device):
                 out = stage.loss(model, _to_device(mb, di.device))
             tot += torch.tensor([_scalar(out.total), _scalar(out.count)], dtype=torch.float64)
-        _all_reduce_(tot, di)
+        all_reduce_(tot, di)
         res["eval_loss"] = float(tot[0] / max(tot[1], 1.0))
     if hasattr(stage, "evaluate"):
         res.update({f"eval_{k}" if not k.startswith("eval") else k: float(v) for k, v in stage.evaluate(model).items()})
     model.train(was_training)
     return res
-
-
-def _save_final(cfg: TrainConfig, stage: Stage, model: nn.Module, tokenizer: Any, out: Path) -> Path:
-    final = out / FINAL_DIR
-    shutil.rmtree(final, ignore_errors=True)
-    final.mkdir(parents=True)
-    if cfg.lora is not None:
-        from lmstack.model.lora import save_adapter
-        from lmstack.train.export import write_adapter_info
-
-        save_adapter(model, final, base_model_name_or_path=str(Path(cfg.model.path).resolve()) if cfg.model.path else "")
-        write_adapter_info(final, cfg.lora.qlora, cfg.lora.quantize_embeddings)
-    else:
-        from lmstack.model.loading import save_model
-
-        save_model(model, final)
-    src = Path(cfg.model.tokenizer_dir)
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file() and not (final / name).exists():
-            shutil.copy2(src / name, final / name)
-    if hasattr(stage, "save_final"):
-        stage.save_final(model, final)
-    return final
 
 
 def train(stage: Stage | str, cfg: TrainConfig, *, stop_at_step: int | None = None) -> TrainResult:
@@ -506,7 +289,7 @@ def _train(stage_arg: Stage | str, cfg: TrainConfig, di: DistInfo, tokenizer: An
     check_resume_compatible(cfg, out)
     if di.main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config_to_yaml(cfg))
+        atomic_write_text(out / "config.yaml", config_to_yaml(cfg))
     _seed_all(tc.seed)
 
     # -- data --------------------------------------------------------------------------------
@@ -545,19 +328,23 @@ def _train(stage_arg: Stage | str, cfg: TrainConfig, di: DistInfo, tokenizer: An
     logger.info("stage %s: %d train / %d eval examples, %d steps of %d sequences, %.2fM trainable parameters",
                 stage.name, len(train_data), len(eval_data), run.max_steps, per_step, n_train / 1e6)
 
-    if ckpts:
-        run.load(ckpts[-1])
-        logger.info("resumed from %s (step %d)", ckpts[-1], run.step)
-    metrics = MetricsWriter(out / METRICS, di.main, run.step if ckpts else None)
+    resumed = run.resume(out) if ckpts else None
+    if resumed is not None:
+        logger.info("resumed from %s (step %d)", resumed, run.step)
+    metrics = MetricsWriter(out / METRICS, di.main, run.step if resumed is not None else None)
+
+    def save(sampler_state: dict[str, int], rng: dict[str, Any]) -> None:
+        metrics.sync()  # the rows up to this step are on disk when the checkpoint is
+        run.save(out, run.step, sampler_state, rng)
 
     # -- train -------------------------------------------------------------------------------
     bar = progress(total=run.max_steps, initial=run.step, desc=stage.name, disable=None if di.main else True)
     interrupted = False
     t_last, tok_last = time.perf_counter(), run.tokens_seen
-    step_start_state = (sampler.state_dict(), _rng_state())
+    step_start_state = (sampler.state_dict(), rng_state())
     try:
         while run.step < run.max_steps:
-            step_start_state = (sampler.state_dict(), _rng_state())
+            step_start_state = (sampler.state_dict(), rng_state())
             micro = []
             for _ in range(tc.grad_accum):
                 if online:
@@ -584,9 +371,9 @@ def _train(stage_arg: Stage | str, cfg: TrainConfig, di: DistInfo, tokenizer: An
             if can_eval and tc.eval_every and run.step % tc.eval_every == 0 and run.step < run.max_steps:
                 metrics.write({"step": run.step, **evaluate(stage, model, eval_data, cfg, di)})
             if tc.save_every and run.step % tc.save_every == 0 and run.step < run.max_steps:
-                run.save(out, run.step, sampler.state_dict(), _rng_state())
+                save(sampler.state_dict(), rng_state())
             if stop_at_step is not None and run.step >= stop_at_step and run.step < run.max_steps:
-                run.save(out, run.step, sampler.state_dict(), _rng_state())
+                save(sampler.state_dict(), rng_state())
                 interrupted = True
                 break
     except KeyboardInterrupt:
@@ -594,7 +381,7 @@ def _train(stage_arg: Stage | str, cfg: TrainConfig, di: DistInfo, tokenizer: An
         run.optimizer.zero_grad(set_to_none=True)
         logger.warning("interrupted: saving a checkpoint at step %d in %s", run.step, out)
         if run.step > 0:
-            run.save(out, run.step, *step_start_state)
+            save(*step_start_state)
         interrupted = True
     finally:
         bar.close()
@@ -604,65 +391,12 @@ def _train(stage_arg: Stage | str, cfg: TrainConfig, di: DistInfo, tokenizer: An
         if can_eval:
             metrics.write({"step": run.step, **evaluate(stage, model, eval_data, cfg, di)})
         if di.main:
-            final_dir = _save_final(cfg, stage, model, tokenizer, out)
+            final_dir = save_final(cfg, stage, model, out)
             try:
                 plot_run(out)
             except Exception as e:  # plotting must never lose a finished run
                 logger.warning("could not plot %s: %s", out, e)
-        run.save(out, run.step, sampler.state_dict(), _rng_state())
+        save(sampler.state_dict(), rng_state())
     return TrainResult(out, final_dir, run.step, interrupted, metrics.rows)
 
 
-# ----------------------------------------------------------------------------- plots
-def plot_run(run_dir: str | Path) -> list[Path]:
-    """PNG curves from metrics.jsonl: loss.png (train and eval loss) and metrics.png (everything else)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.info("matplotlib is not installed: skipping plots of %s (pip install matplotlib)", run_dir)
-        return []
-    rows = read_metrics(run_dir)
-    series: dict[str, tuple[list[int], list[float]]] = {}
-    for r in rows:
-        for k, v in r.items():
-            if k == "step" or not isinstance(v, (int, float)) or isinstance(v, bool):
-                continue
-            xs, ys = series.setdefault(k, ([], []))
-            xs.append(r["step"])
-            ys.append(float(v))
-    written = []
-    run = Path(run_dir)
-    loss_keys = [k for k in ("loss", "eval_loss") if k in series]
-    if loss_keys:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for k in loss_keys:
-            ax.plot(*series[k], marker="o" if k == "eval_loss" else None, label=k)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.set_title(run.name)
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(run / "loss.png", dpi=100)
-        plt.close(fig)
-        written.append(run / "loss.png")
-    others = [k for k in series if k not in loss_keys and k not in ("tokens", "count", "epoch")]
-    if others:
-        cols = min(3, len(others))
-        nrows = math.ceil(len(others) / cols)
-        fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False)
-        for ax, k in zip(axes.flat, others):
-            ax.plot(*series[k])
-            ax.set_title(k)
-            ax.set_xlabel("step")
-            ax.grid(alpha=0.3)
-        for ax in list(axes.flat)[len(others):]:
-            ax.axis("off")
-        fig.tight_layout()
-        fig.savefig(run / "metrics.png", dpi=100)
-        plt.close(fig)
-        written.append(run / "metrics.png")
-    return written
