@@ -1,0 +1,1 @@
+"""Checkpoint formats: HF folders, quantized folders, GGUF files."""
