@@ -3,8 +3,9 @@
 Writes what llama.cpp's converter and quantizer write: GGUF tensor names, `{arch}.*` hyperparameters,
 the tokenizer (tokens, types, merges or scores, the pre-tokenizer name llama.cpp uses for that split,
 special ids, chat template), and each tensor in the type llama-quantize would give it for the file
-type (quants.tensor_type). Re-exporting a GGUF file keeps its tokenizer and name as they are, so a
-file exported again in its own type comes out byte-identical.
+type (quants.tensor_type). Re-exporting a GGUF file keeps its tokenizer, its name and the tensors
+already in their target type as they are, so a file exported again in its own type comes out
+byte-identical.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def _from_folder(model_dir: Path):
         # Llama 3.1 scaling travels as per-frequency divisors (llama.cpp's rope_freqs tensor): the
         # ratio of the unscaled to the scaled inverse frequencies lmstack's rotary already computes
         rope_freqs = default_inv_freq(cfg.head_dim, cfg.rope_theta) / model.rotary.inv_freq
-    return cfg, model, tok, model_dir.name, rope_freqs
+    return cfg, model, tok, model_dir.name, rope_freqs, {}
 
 
 def _from_gguf(path: Path):
@@ -49,9 +50,10 @@ def _from_gguf(path: Path):
     reader = open_gguf(path)
     cfg, sd, _ = load_gguf(path, with_tokenizer=False)
     _check_exportable(cfg, path)
-    rope = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
+    tensors = {t.name: t for t in reader.tensors}
+    rope = tensors.get(ROPE_FREQS)
     return (cfg, build_model(cfg, sd, torch.float32), tokenizer_kv_from_gguf(reader, path),
-            field(reader, "general.name", path.stem), None if rope is None else dequantize(rope, str(path)))
+            field(reader, "general.name", path.stem), None if rope is None else dequantize(rope, str(path)), tensors)
 
 
 def _check_exportable(cfg: ModelConfig, source: Path) -> None:
@@ -74,9 +76,9 @@ def export_gguf(source: str | Path, out_file: str | Path, type: str = "f16") -> 
     if source.suffix == ".gguf":
         if source.resolve() == out_file.resolve():
             raise GGUFError(f"--out {out_file} must differ from the source file")
-        cfg, model, tok, name, rope_freqs = _from_gguf(source)
+        cfg, model, tok, name, rope_freqs, source_tensors = _from_gguf(source)
     else:
-        cfg, model, tok, name, rope_freqs = _from_folder(source)
+        cfg, model, tok, name, rope_freqs, source_tensors = _from_folder(source)
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith("rotary.")}
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)
@@ -97,7 +99,15 @@ def export_gguf(source: str | Path, out_file: str | Path, type: str = "f16") -> 
         if which:
             t = permute_qk(t, cfg.num_heads if which == "q" else cfg.num_kv_heads)
         qt = tensor_type(gname, tuple(t.shape), type, cfg.tie_embeddings, cfg.num_layers)
-        a = quantize(t.contiguous().numpy(), qt) if t.dim() > 1 else t.numpy().astype(np.float32)
+        src = source_tensors.get(gname)
+        if src is not None and Q(src.tensor_type) == qt:
+            # already in the target type: copied as is, as llama-quantize does (re-quantizing a K-quant
+            # would move it), so re-exporting a file in its own type gives the same bytes
+            a = np.asarray(src.data)
+        elif t.dim() > 1:
+            a = quantize(t.contiguous().numpy(), qt)
+        else:
+            a = t.numpy().astype(np.float32)
         w.add_tensor(gname, a, raw_dtype=qt if qt not in (Q.F32, Q.F16) else None)
     w.write_header_to_file()
     w.write_kv_data_to_file()

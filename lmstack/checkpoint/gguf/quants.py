@@ -87,134 +87,127 @@ def quantize(a: np.ndarray, qt) -> np.ndarray:
     return gguf.quants.quantize(a, qt)
 
 
+F32 = np.float32
+
+
 def _nearest_int(x: np.ndarray) -> np.ndarray:
     return np.rint(x).astype(np.int32)  # round half to even, like ggml's nearest_int
 
 
+def _sum(a: np.ndarray) -> np.ndarray:
+    """Row sums of (blocks, n) in float32, added left to right as ggml's C loops do (numpy's pairwise
+    summation rounds differently, which would change a few blocks)."""
+    out = a[:, 0].copy()
+    for i in range(1, a.shape[1]):
+        out += a[:, i]
+    return out
+
+
+def _safe(d: np.ndarray) -> np.ndarray:
+    return np.where(d == 0, F32(1), d)
+
+
 def _qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
-    """Scale and min of each row of x (blocks, n): x ~ scale * L - min with L in 0..nmax, the weighted
-    least-squares fit over nstep + 1 trial scales (ggml's make_qkx2_quants). Returns (scale, -min, L)."""
-    f32 = np.float32
-    lo = np.minimum(x.min(1), 0).astype(f32)
-    hi = x.max(1)
-    span = hi - lo
-    flat = span == 0
-    span_safe = np.where(flat, f32(1), span)
-    sum_w = w.sum(1)
-    sum_x = (w * x).sum(1)
-
-    def fit(iscale):
-        L = np.clip(_nearest_int(iscale[:, None] * (x - lo[:, None])), 0, nmax)
-        return L
-
-    iscale = f32(nmax) / span_safe
-    scale = 1 / iscale
-    mn = lo.copy()
-    L = fit(iscale)
-    best = (w * (scale[:, None] * L + mn[:, None] - x) ** 2).sum(1)
+    """Per row of x (blocks, n): x ~ scale * L - m with codes L in 0..nmax, the weighted least-squares
+    fit over nstep + 1 trial scales, each trial starting from the best min so far (ggml's
+    make_qkx2_quants). Returns (scale, m, L)."""
+    lo, hi = np.minimum(x.min(1), F32(0)), x.max(1)
+    flat = hi == lo
+    sum_w, sum_x = _sum(w), _sum(w * x)
+    iscale = (F32(nmax) / _safe(hi - lo)).astype(F32)
+    scale = (F32(1) / iscale).astype(F32)
+    L = np.clip(_nearest_int(iscale[:, None] * (x - lo[:, None])), 0, nmax)
+    best = _sum(w * (scale[:, None] * L + lo[:, None] - x) ** 2)
+    mn = lo
     for step in range(nstep + 1):
-        iscale = (f32(rmin + rdelta * step + nmax) / span_safe).astype(f32)
-        La = fit(iscale)
-        Lf = La.astype(f32)
-        sum_l, sum_l2, sum_xl = (w * Lf).sum(1), (w * Lf * Lf).sum(1), (w * Lf * x).sum(1)
+        iscale = ((F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / _safe(hi - mn)).astype(F32)
+        La = np.clip(_nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax)
+        Lf = La.astype(F32)
+        sum_l, sum_l2, sum_xl = _sum(w * Lf), _sum(w * Lf * Lf), _sum(w * Lf * x)
         D = sum_w * sum_l2 - sum_l * sum_l
-        ok = D > 0
-        Ds = np.where(ok, D, f32(1))
-        this_scale = (sum_w * sum_xl - sum_x * sum_l) / Ds
-        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / Ds
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / _safe(D)
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / _safe(D)
         pos = this_min > 0
-        this_min = np.where(pos, f32(0), this_min)
-        this_scale = np.where(pos, sum_xl / np.where(sum_l2 > 0, sum_l2, f32(1)), this_scale)
-        err = (w * (this_scale[:, None] * Lf + this_min[:, None] - x) ** 2).sum(1)
-        better = ok & (err < best)
+        this_min = np.where(pos, F32(0), this_min)
+        this_scale = np.where(pos, sum_xl / _safe(sum_l2), this_scale)
+        err = _sum(w * (this_scale[:, None] * Lf + this_min[:, None] - x) ** 2)
+        better = (D > 0) & (err < best)
         L = np.where(better[:, None], La, L)
-        best = np.where(better, err, best)
-        scale = np.where(better, this_scale, scale)
-        mn = np.where(better, this_min, mn)
-    scale = np.where(flat, f32(0), scale)
-    L = np.where(flat[:, None], 0, L)
-    return scale.astype(f32), (-mn).astype(f32), L
+        best, scale, mn = np.where(better, err, best), np.where(better, this_scale, scale), np.where(better, this_min, mn)
+    return np.where(flat, F32(0), scale).astype(F32), (-mn).astype(F32), np.where(flat[:, None], 0, L)
 
 
 def _quantize_q4_k(x: np.ndarray) -> np.ndarray:
     """(nb, 256) float32 -> (nb, 144) Q4_K blocks: fp16 d, fp16 dmin, 12 bytes of 6-bit sub-block
     scales / mins, 128 bytes of 4-bit codes; value = d * sc * q - dmin * m per 32-value sub-block."""
-    f32 = np.float32
     nb = x.shape[0]
     sub = x.reshape(nb * 8, 32)
-    av = np.sqrt((sub * sub).sum(1) / 32)
-    w = av[:, None] + np.abs(sub)
-    scales, mins, _ = _qkx2(sub, w, 15, -1.0, 0.1, 20)
-    scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
-    max_scale, max_min = scales.max(1), mins.max(1)
-    inv_scale = np.where(max_scale > 0, f32(63) / np.where(max_scale > 0, max_scale, 1), 0).astype(f32)
-    inv_min = np.where(max_min > 0, f32(63) / np.where(max_min > 0, max_min, 1), 0).astype(f32)
-    ls = np.minimum(63, _nearest_int(inv_scale[:, None] * scales)).astype(np.uint8)  # (nb, 8)
-    lm = np.minimum(63, _nearest_int(inv_min[:, None] * mins)).astype(np.uint8)
-    d = (max_scale / 63).astype(np.float16)
-    dmin = (max_min / 63).astype(np.float16)
+    w = np.sqrt(_sum(sub * sub) / F32(32))[:, None] + np.abs(sub)  # ggml: av_x + |x|
+    scales, mins, L = _qkx2(sub, w, 15, -1.0, 0.1, 20)
+    scales, mins, L = scales.reshape(nb, 8), mins.reshape(nb, 8), L.reshape(nb, 8, 32)
+    max_scale, max_min = np.maximum(scales.max(1), F32(0)), np.maximum(mins.max(1), F32(0))
+    inv_scale = np.where(max_scale > 0, F32(63) / _safe(max_scale), F32(0)).astype(F32)
+    inv_min = np.where(max_min > 0, F32(63) / _safe(max_min), F32(0)).astype(F32)
+    ls = np.minimum(63, _nearest_int(inv_scale[:, None] * scales).astype(np.uint8))  # (nb, 8)
+    lm = np.minimum(63, _nearest_int(inv_min[:, None] * mins).astype(np.uint8))
+    d, dmin = (max_scale / F32(63)).astype(np.float16), (max_min / F32(63)).astype(np.float16)
     # 12-byte packing (ggml's get_scale_min_k4): sub-blocks 0-3 in the low 6 bits of bytes 0-3 (scales)
-    # and 4-7 (mins); 4-7 split into low nibbles of bytes 8-11 and the top 2 bits of bytes 0-7
-    packed = np.zeros((nb, 12), np.uint8)
-    packed[:, 0:4] = ls[:, 0:4] | ((ls[:, 4:8] >> 4) << 6)
-    packed[:, 4:8] = lm[:, 0:4] | ((lm[:, 4:8] >> 4) << 6)
-    packed[:, 8:12] = (ls[:, 4:8] & 0xF) | ((lm[:, 4:8] & 0xF) << 4)
-    dj = d.astype(f32)[:, None] * ls.astype(f32)  # (nb, 8)
-    dm = dmin.astype(f32)[:, None] * lm.astype(f32)
-    xs = x.reshape(nb, 8, 32)
-    q = np.clip(_nearest_int((xs + dm[..., None]) / np.where(dj == 0, 1, dj)[..., None]), 0, 15)
-    q = np.where((dj == 0)[..., None], 0, q).astype(np.uint8).reshape(nb, 4, 2, 32)
-    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(nb, 128)  # 64 values per 32 bytes: low nibble first half
+    # and 4-7 (mins); 4-7 split into the nibbles of bytes 8-11 and the top 2 bits of bytes 0-7
+    packed = np.concatenate([ls[:, :4] | ((ls[:, 4:] >> 4) << 6), lm[:, :4] | ((lm[:, 4:] >> 4) << 6),
+                             (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)], 1)
+    dj = d.astype(F32)[:, None] * ls.astype(F32)  # (nb, 8)
+    dm = dmin.astype(F32)[:, None] * lm.astype(F32)
+    q = np.clip(_nearest_int((x.reshape(nb, 8, 32) + dm[..., None]) / _safe(dj)[..., None]), 0, 15)
+    q = np.where((dj == 0)[..., None], L, q).astype(np.uint8).reshape(nb, 4, 2, 32)  # ggml keeps the fit's codes
+    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(nb, 128)  # each 64 values: 32 low nibbles, then 32 high
     return np.concatenate([d.view(np.uint8).reshape(nb, 2), dmin.view(np.uint8).reshape(nb, 2), packed, qs], 1)
 
 
-def _qx(x: np.ndarray, nmax: int) -> np.ndarray:
-    """Symmetric scale of each row of x (blocks, n) for codes in -nmax..nmax-1, weighted by x^2, the
-    best of 19 trial scales (ggml's make_qx_quants with rmse_type 1)."""
-    f32 = np.float32
-    idx = np.abs(x).argmax(1)
-    mx = x[np.arange(x.shape[0]), idx]
-    zero = np.abs(mx) < 1e-15
-    mxs = np.where(zero, f32(1), mx)
+def _qx(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of x (blocks, n): a symmetric scale for codes in -nmax..nmax-1, weighted by x^2, the best
+    of 19 trial scales (ggml's make_qx_quants, rmse_type 1). Returns (scale, codes + nmax)."""
+    mx = x[np.arange(x.shape[0]), np.abs(x).argmax(1)]
+    zero = np.abs(mx) < F32(1e-15)
+    mxs = np.where(zero, F32(1), mx)
     w = x * x
 
     def trial(iscale):
-        L = np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1).astype(f32)
-        return (w * x * L).sum(1), (w * L * L).sum(1)
+        L = np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
+        Lf = L.astype(F32)
+        return L, _sum(w * x * Lf), _sum(w * Lf * Lf)
 
-    sumlx, suml2 = trial((-f32(nmax) / mxs).astype(f32))
-    scale = np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, 1), 0).astype(f32)
+    L, sumlx, suml2 = trial((-F32(nmax) / mxs).astype(F32))
+    scale = np.where(suml2 > 0, sumlx / _safe(suml2), F32(0)).astype(F32)
     best = scale * sumlx
     for step in [s for s in range(-9, 10) if s]:
-        slx, sl2 = trial((-(f32(nmax) + f32(0.1) * step) / mxs).astype(f32))
+        La, slx, sl2 = trial((-(F32(nmax) + F32(0.1) * F32(step)) / mxs).astype(F32))
         better = (sl2 > 0) & (slx * slx > best * sl2)
-        new_scale = slx / np.where(sl2 > 0, sl2, 1)
-        scale = np.where(better, new_scale, scale)
-        best = np.where(better, new_scale * slx, best)
-    return np.where(zero, f32(0), scale).astype(f32)
+        new_scale = slx / _safe(sl2)
+        L = np.where(better[:, None], La, L)
+        scale, best = np.where(better, new_scale, scale), np.where(better, new_scale * slx, best)
+    return np.where(zero, F32(0), scale).astype(F32), np.where(zero[:, None], 0, L + nmax)
 
 
 def _quantize_q6_k(x: np.ndarray) -> np.ndarray:
     """(nb, 256) float32 -> (nb, 210) Q6_K blocks: 128 bytes of low 4 bits, 64 bytes of high 2 bits,
     16 int8 sub-block scales, fp16 d; value = d * scale_j * (q - 32) per 16-value sub-block."""
-    f32 = np.float32
     nb = x.shape[0]
-    scales = _qx(x.reshape(nb * 16, 16), 32).reshape(nb, 16)
-    pick = np.abs(scales).argmax(1)
-    max_scale = scales[np.arange(nb), pick]
-    empty = np.abs(max_scale) < 1e-15
-    iscale = np.where(empty, f32(0), f32(-128) / np.where(empty, f32(1), max_scale)).astype(f32)
-    d = np.where(empty, f32(0), 1 / np.where(empty, f32(1), iscale)).astype(np.float16)
+    scales, L0 = _qx(x.reshape(nb * 16, 16), 32)
+    scales, L0 = scales.reshape(nb, 16), L0.reshape(nb, 16, 16)
+    max_scale = scales[np.arange(nb), np.abs(scales).argmax(1)]
+    empty = np.abs(max_scale) < F32(1e-15)
+    iscale = (F32(-128) / np.where(empty, F32(1), max_scale)).astype(F32)
+    d = np.where(empty, F32(0), F32(1) / iscale).astype(np.float16)
     sq = np.minimum(127, _nearest_int(iscale[:, None] * scales)).astype(np.int8)  # (nb, 16)
-    dj = d.astype(f32)[:, None] * sq.astype(f32)
-    xs = x.reshape(nb, 16, 16)
-    L = np.clip(_nearest_int(xs / np.where(dj == 0, 1, dj)[..., None]), -32, 31) + 32
-    L = np.where((dj == 0)[..., None], 32, L).astype(np.uint8).reshape(nb, 2, 4, 32)  # halves of 128 x 4 rows
+    dj = d.astype(F32)[:, None] * sq.astype(F32)
+    L = np.clip(_nearest_int(x.reshape(nb, 16, 16) / _safe(dj)[..., None]), -32, 31) + 32
+    L = np.where((dj == 0)[..., None], L0, L)  # ggml keeps the fit's codes where the scale rounds to 0
+    L = np.where(empty[:, None, None], 0, L).astype(np.uint8).reshape(nb, 2, 4, 32)  # (nb, half, quarter, 32)
     ql = np.concatenate([L[:, :, 0] & 0xF | ((L[:, :, 2] & 0xF) << 4), L[:, :, 1] & 0xF | ((L[:, :, 3] & 0xF) << 4)],
                         axis=2).reshape(nb, 128)
-    qh = ((L[:, :, 0] >> 4) | ((L[:, :, 1] >> 4) << 2) | ((L[:, :, 2] >> 4) << 4) | ((L[:, :, 3] >> 4) << 6))
-    out = [ql, qh.reshape(nb, 64), sq.view(np.uint8), d.view(np.uint8).reshape(nb, 2)]
-    return np.concatenate(out, 1)
+    qh = (L[:, :, 0] >> 4) | ((L[:, :, 1] >> 4) << 2) | ((L[:, :, 2] >> 4) << 4) | ((L[:, :, 3] >> 4) << 6)
+    sq = np.where(empty[:, None], 0, sq).astype(np.int8)
+    return np.concatenate([ql, qh.reshape(nb, 64), sq.view(np.uint8), d.view(np.uint8).reshape(nb, 2)], 1)
 
 
 # ---------------------------------------------------------------------------------- dequantizers
