@@ -2,8 +2,8 @@
 
 `llama_model(path, **kw)` is `llama_cpp.Llama(path, **kw)` with llama.cpp's extra buffer types (weight
 repacking into its AMX / interleaved layouts) off: llama-cpp-python 0.3.36 as built here segfaults in
-decode on any quantized file with them on (seen on a Sapphire-Rapids-class Xeon); the plain CPU
-kernels compute the same products."""
+decode on any quantized file with them on (ggml-org/llama.cpp#20824, seen on this Sapphire-Rapids-class
+Xeon); the plain CPU kernels compute the same products."""
 from __future__ import annotations
 
 from pathlib import Path
