@@ -120,3 +120,13 @@ def test_cli_reports_a_bad_file_in_one_line(good, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"{f}: tensor 'output.weight'" in r.stderr and "truncated" in r.stderr
+
+
+def test_a_model_too_big_for_memory_is_refused_before_allocating(good, tmp_path, monkeypatch):
+    import lmstack.checkpoint.gguf.load as load
+
+    f = _write(tmp_path / "m.gguf", good)
+    monkeypatch.setattr(load, "available_memory", lambda: 100_000)
+    with pytest.raises(GGUFError, match=r"m.gguf: dequantizing its weights to float32 needs 0\.\d MiB, but only "
+                                        r"0.1 MiB of memory is available"):
+        load_gguf(f)

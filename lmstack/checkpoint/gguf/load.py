@@ -6,6 +6,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lmstack.checkpoint.gguf.errors import GGUFError, gguf_module
@@ -24,6 +25,31 @@ def _empty_model(cfg: ModelConfig):
         return Transformer(cfg)
 
 
+def available_memory() -> int | None:
+    """Bytes the kernel says a new allocation can get (MemAvailable), None where it does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_fits(path: Path, tensors: dict) -> None:
+    """Refuse before allocating: the float32 copies of every tensor must fit in available memory."""
+    need = 4 * sum(int(np.prod([int(d) for d in t.shape])) for t in tensors.values())
+    have = available_memory()
+    if have is not None and need > have:
+        raise GGUFError(f"{path}: dequantizing its weights to float32 needs {_size(need)}, but only {_size(have)} "
+                        "of memory is available")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def load_gguf(path: str | Path, tokenizer_dir: str | Path | None = None, with_tokenizer: bool = True
               ) -> tuple[ModelConfig, dict[str, torch.Tensor], Path | None]:
     """GGUF file -> (ModelConfig, float32 state_dict under HF names, tokenizer folder or None).
@@ -35,7 +61,7 @@ def load_gguf(path: str | Path, tokenizer_dir: str | Path | None = None, with_to
     tensors = {t.name: t for t in reader.tensors}
     cfg = config_from_gguf(reader, path, tensors)
     want = {k: tuple(v.shape) for k, v in _empty_model(cfg).state_dict().items() if not k.startswith("rotary.")}
-    sd: dict[str, torch.Tensor] = {}
+    names: dict[str, str] = {}  # GGUF name -> HF name, every shape checked before anything is dequantized
     for name, t in tensors.items():
         if name == ROPE_FREQS:  # already turned into cfg.rope_scaling
             continue
@@ -46,14 +72,18 @@ def load_gguf(path: str | Path, tokenizer_dir: str | Path | None = None, with_to
         if shape != want[hf]:
             raise GGUFError(f"{path}: tensor {name!r} has shape {shape}, but the file's hyperparameters make it "
                             f"{want[hf]}")
-        w = dequantize(t, str(path))
+        names[name] = hf
+    missing = sorted(set(want) - set(names.values()) - ({"lm_head.weight"} if cfg.tie_embeddings else set()))
+    if missing:
+        raise GGUFError(f"{path}: missing tensors (HF names): {missing[:5]}")
+    _check_fits(path, tensors)
+    sd: dict[str, torch.Tensor] = {}
+    for name, hf in names.items():
+        w = dequantize(tensors[name], str(path))
         which = needs_qk_permutation(cfg.model_type, hf)
         if which:
             w = unpermute_qk(w, cfg.num_heads if which == "q" else cfg.num_kv_heads)
         sd[hf] = w
-    missing = sorted(set(want) - set(sd) - ({"lm_head.weight"} if cfg.tie_embeddings else set()))
-    if missing:
-        raise GGUFError(f"{path}: missing tensors (HF names): {missing[:5]}")
     tok_dir = None
     if with_tokenizer:
         tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else Path(tempfile.mkdtemp(prefix="lmstack-gguf-"))
