@@ -12,7 +12,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from lmstack.config import ModelConfig  # noqa: E402
-from lmstack.engine.llm import default_cpu_dtype  # noqa: E402
+from lmstack.precision import auto_dtype  # noqa: E402
 from lmstack.model.transformer import Transformer  # noqa: E402
 
 BENCH_CONFIG = ROOT.parent / "shared" / "bench_models" / "qwen2.5-0.5b" / "config.json"
@@ -20,7 +20,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def pick_dtype(name: str) -> torch.dtype:
-    return default_cpu_dtype() if name == "auto" else DTYPES[name]
+    return auto_dtype() if name == "auto" else DTYPES[name]
 
 
 def bench_config(num_layers: int | None = None) -> ModelConfig:

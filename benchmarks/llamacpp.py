@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from benchmarks._engine_common import bench_config, pick_dtype, random_model, table  # noqa: E402
 from lmstack.engine.llm import LLM  # noqa: E402
 from lmstack.engine.sampling_params import SamplingParams  # noqa: E402
-from lmstack.gguf_io import export_gguf  # noqa: E402
+from lmstack.checkpoint.gguf.export import export_gguf  # noqa: E402
 from lmstack.model.loading import save_model  # noqa: E402
 from lmstack.model.quant import quantize_model  # noqa: E402
 

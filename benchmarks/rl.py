@@ -227,9 +227,9 @@ def main() -> int:
             setattr(a, k, quick if a.quick else full)
     torch.set_num_threads(a.threads)
     if a.rollout_dtype is None:
-        from lmstack.engine.llm import default_cpu_dtype
+        from lmstack.precision import auto_dtype
 
-        a.rollout_dtype = "bf16" if default_cpu_dtype() == torch.bfloat16 else "fp32"
+        a.rollout_dtype = "bf16" if auto_dtype() == torch.bfloat16 else "fp32"
     if not (BENCH_DIR / "config.json").is_file():
         raise SystemExit(f"missing {BENCH_DIR / 'config.json'} (the SmolLM2-135M shape)")
     cfg = ModelConfig.from_hf(BENCH_DIR)

@@ -253,9 +253,9 @@ def main() -> None:
     if a.precision is None:
         import torch
 
-        from lmstack.engine.llm import default_cpu_dtype
+        from lmstack.precision import auto_dtype
 
-        a.precision = "bf16" if a.device == "cuda" or default_cpu_dtype() == torch.bfloat16 else "fp32"
+        a.precision = "bf16" if a.device == "cuda" or auto_dtype() == torch.bfloat16 else "fp32"
 
     if a.case:  # child process: one case, one JSON line
         if a.threads:

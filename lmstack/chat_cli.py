@@ -1,6 +1,6 @@
 """`lmstack chat`: a terminal chat that streams replies, locally or against a running server.
 
-    lmstack chat --model DIR                      # loads the model with the engine
+    lmstack chat --model DIR|X.gguf               # loads the model with the engine
     lmstack chat --url http://127.0.0.1:8000      # talks to `lmstack serve` (/v1/chat/completions)
 
 Lines are read from stdin (a terminal or a pipe). Commands: `/system TEXT` sets the system message,
@@ -187,7 +187,8 @@ def add_parser(subparsers: Any) -> None:
     from lmstack.engine.server import add_engine_args
 
     p = subparsers.add_parser("chat", help="chat with a model in the terminal (streams replies)")
-    p.add_argument("--model", default=None, help="HF model folder (local), or the model name to ask a server for")
+    p.add_argument("--model", default=None, help="HF model folder or .gguf file (local), or the model name to ask a "
+                   "server for")
     p.add_argument("--url", default=None, help="talk to a running server, e.g. http://127.0.0.1:8000")
     p.add_argument("--api-key", default=None, help="bearer key for --url")
     p.add_argument("--system", default=None, help="initial system message")

@@ -38,7 +38,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn via the chat template")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 where the CPU has native bf16, else fp32) | float32 | "
+                   "bfloat16 | float16")
     p.add_argument("--attn", default="sdpa", choices=["naive", "sdpa", "tiled"])
     p.set_defaults(func=_run_generate)
 
@@ -46,9 +47,9 @@ def _add_generate(sub) -> None:
 def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from lmstack.checkpoint.resolve import load_for_inference
     from lmstack.generate import generate_stream
-    from lmstack.model.loading import load_model
-    from lmstack.tokenizer import IncrementalDetokenizer, Tokenizer
+    from lmstack.tokenizer import IncrementalDetokenizer
 
     if args.temperature < 0:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
@@ -57,13 +58,9 @@ def _run_generate(args: argparse.Namespace) -> int:
     if args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    if str(args.model).endswith(".gguf"):
-        from lmstack.gguf_io import load_gguf_model
-
-        model, tok = load_gguf_model(args.model, args.dtype)
-    else:
-        model = load_model(args.model, dtype=args.dtype)
-        tok = Tokenizer.from_dir(args.model)
+    model, tok = load_for_inference(args.model, args.dtype)
+    if tok is None:
+        raise ValueError(f"{args.model} has no tokenizer.json; `lmstack generate` needs one to read the prompt")
     model.set_attention_impl(args.attn)
     if args.chat:
         ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": args.prompt}],

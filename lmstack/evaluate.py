@@ -1,7 +1,7 @@
 """Evaluation: exact-match accuracy on the arithmetic task, perplexity / bits-per-byte on a text file.
 
-`lmstack eval --model DIR --task arith [--n 200] [--digits 2,3]`
-`lmstack eval --model DIR --task ppl --data FILE [--max-len 512]`
+`lmstack eval --model DIR|X.gguf --task arith [--n 200] [--digits 2,3]`
+`lmstack eval --model DIR|X.gguf --task ppl --data FILE [--max-len 512]`
 """
 from __future__ import annotations
 
@@ -122,14 +122,15 @@ def read_texts(path: str | Path) -> list[str]:
 # --------------------------------------------------------------------------------------------- CLI
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a model: --task arith (exact match) or --task ppl")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="HF model folder or .gguf file")
     p.add_argument("--task", choices=["arith", "ppl"], required=True)
     p.add_argument("--data", help="text / JSONL file for --task ppl")
     p.add_argument("--n", type=int, default=200, help="number of held-out problems (arith)")
     p.add_argument("--digits", default="2,3", help="operand digit range, e.g. 2,3 (arith)")
     p.add_argument("--ops", default="+-*", help="operations of the held-out problems (arith)")
     p.add_argument("--max-len", type=int, default=512)
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 where the CPU has native bf16, else fp32) | float32 | "
+                   "bfloat16 | float16")
     p.set_defaults(func=run)
 
 
@@ -145,11 +146,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.data:
         raise ValueError("--task ppl needs --data FILE")
-    from lmstack.model.loading import load_model
-    from lmstack.tokenizer import Tokenizer
+    from lmstack.checkpoint.resolve import load_for_inference
 
-    model = load_model(args.model, dtype=args.dtype)
-    r = perplexity(model, Tokenizer.from_dir(args.model), read_texts(args.data), args.max_len)
+    model, tok = load_for_inference(args.model, args.dtype)
+    if tok is None:
+        raise ValueError(f"{args.model} has no tokenizer.json; --task ppl needs the model's tokenizer")
+    r = perplexity(model, tok, read_texts(args.data), args.max_len)
     logger.info("scored %d tokens", r["tokens"])
     print(f"perplexity: {r['ppl']:.3f}  bits/byte: {r['bits_per_byte']:.4f}  ({r['tokens']} tokens, {r['bytes']} bytes)")
     return 0

@@ -7,9 +7,11 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from lmstack.gguf_io import (  # noqa: E402
-    GGUFError, export_gguf, fit_llama3_scaling, load_gguf, load_gguf_model, permute_qk, unpermute_qk,
-)
+from lmstack.checkpoint.gguf.errors import GGUFError  # noqa: E402
+from lmstack.checkpoint.gguf.export import export_gguf  # noqa: E402
+from lmstack.checkpoint.gguf.hparams import fit_llama3_scaling  # noqa: E402
+from lmstack.checkpoint.gguf.load import load_gguf, load_gguf_model  # noqa: E402
+from lmstack.checkpoint.gguf.names import permute_qk, unpermute_qk  # noqa: E402
 from lmstack.model.rope import default_inv_freq, llama3_inv_freq  # noqa: E402
 from lmstack.model.loading import load_model  # noqa: E402
 
@@ -216,14 +218,15 @@ def test_bad_inputs(llama_dir, tmp_path):
             w.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
     for t in r.tensors:
         if t.name == "blk.0.ffn_up.weight":
-            w.add_tensor(t.name, np.zeros((128, 64 // 32 * 18), np.uint8), raw_dtype=gguf.GGMLQuantizationType.IQ4_NL)
+            # Q8_1 (llama.cpp's activation type): the gguf package has no dequantizer for it
+            w.add_tensor(t.name, np.zeros((128, 64 // 32 * 40), np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q8_1)
         else:
             w.add_tensor(t.name, np.asarray(t.data).reshape(tuple(reversed([int(x) for x in t.shape]))))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(GGUFError, match="IQ4_NL"):
+    with pytest.raises(GGUFError, match="tensor 'blk.0.ffn_up.weight' has type Q8_1, which lmstack cannot dequantize"):
         load_gguf(tmp_path / "iq.gguf")
 
 
@@ -389,9 +392,11 @@ def _spm_vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
-def _with_spm_tokenizer(src, dst, n_vocab: int, scores: bool = True):
+def _with_spm_tokenizer(src, dst, n_vocab: int, scores: bool = True, gemma: bool = False):
     """Copy GGUF file src to dst with its tokenizer replaced by a SentencePiece ('llama') one
-    (scores=False: without tokenizer.ggml.scores, a broken file)."""
+    (scores=False: without tokenizer.ggml.scores, a broken file). gemma=True: as Gemma's GGUF files
+    have it, no space prefix, and user-defined tokens (runs of U+2581, a turn marker) at score 0,
+    above every normal piece."""
     r = gguf.GGUFReader(str(src))
     w = gguf.GGUFWriter(str(dst), "llama")
     for field in r.fields.values():
@@ -399,6 +404,11 @@ def _with_spm_tokenizer(src, dst, n_vocab: int, scores: bool = True):
             sub = field.types[-1] if len(field.types) > 1 else None
             w.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
     tokens, token_scores, types = _spm_vocab(n_vocab)
+    if gemma:
+        for i, t in enumerate(("\u2581\u2581", "\u2581\u2581\u2581\u2581", "<start_of_turn>")):
+            j = n_vocab - 1 - i  # unused padding rows become the user-defined tokens
+            tokens[j], token_scores[j], types[j] = t, 0.0, int(gguf.TokenType.USER_DEFINED)
+        w.add_add_space_prefix(False)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     if scores:
@@ -422,7 +432,8 @@ SPM_TEXTS = ["Hello world", "the quick brown fox jumps over the lazy dog", "  tw
              "数字 123 + 456 = 579", "émoji 🙂 and ümlauts", "trailing space ", "a", "x  y   z", "The THE tHe thE"]
 
 
-def test_sentencepiece_gguf_tokenizer_matches_llama_cpp(tmp_path_factory, tmp_path):
+@pytest.mark.parametrize("gemma", [False, True])
+def test_sentencepiece_gguf_tokenizer_matches_llama_cpp(gemma, tmp_path_factory, tmp_path):
     """A GGUF file with llama.cpp's 'llama' (SentencePiece BPE) tokenizer - the vocabulary of Llama 2,
     Mistral, TinyLlama GGUFs - tokenizes and detokenizes like llama.cpp itself, byte fallback included,
     and `LLM("x.gguf")` runs text prompts through it."""
@@ -435,16 +446,22 @@ def test_sentencepiece_gguf_tokenizer_matches_llama_cpp(tmp_path_factory, tmp_pa
     d = tmp_path_factory.mktemp("spm")
     make_tiny_hf("llama", d, vocab_size=512, num_attention_heads=2, num_key_value_heads=1)
     build_test_tokenizer(d, "chatml", vocab_size=300)
-    f = _with_spm_tokenizer(export_gguf(d, tmp_path / "bpe.gguf", "f32"), tmp_path / "spm.gguf", 512)
+    f = _with_spm_tokenizer(export_gguf(d, tmp_path / "bpe.gguf", "f32"), tmp_path / "spm.gguf", 512, gemma=gemma)
     _, _, tok_dir = load_gguf(f)
     ours = Tokenizer.from_dir(tok_dir)
     ref = llama_cpp.Llama(model_path=str(f), vocab_only=True, verbose=False)
-    for text in SPM_TEXTS + CORPUS:
+    extra = ["<start_of_turn>user\nhi there", "x  y    z  ", "   three"] if gemma else []
+    for text in SPM_TEXTS + CORPUS + extra:
         ids = ref.tokenize(text.encode(), add_bos=True, special=False)
         assert ours.encode(text) == ids, text
-        assert ours.decode(ids, skip_special_tokens=True) == text == ref.detokenize(ids).decode()
+        assert ours.decode(ids, skip_special_tokens=True) == text
+        # llama.cpp prints user-defined tokens raw ("\u2581\u2581"), lmstack (as transformers) as spaces
+        assert gemma or text == ref.detokenize(ids).decode()
     assert any(ours.backend.id_to_token(i).startswith("<0x") for i in ours.encode("数字 🙂"))  # byte fallback used
-    assert any(len(ours.backend.id_to_token(i)) > 3 for i in ours.encode("the quick brown fox"))  # merges used
+    assert any(len(ours.backend.id_to_token(i)) > 3 for i in ours.encode(" the quick brown fox"))  # merges used
+    if gemma:  # the user-defined tokens are used: the turn marker whole, space runs as one token
+        assert ours.backend.token_to_id("<start_of_turn>") in ours.encode(extra[0])
+        assert ours.backend.token_to_id("\u2581\u2581\u2581\u2581") in ours.encode(extra[1])
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     out = LLM(str(f), dtype="float32").generate(["Hello world"], params)[0]
     bad = _with_spm_tokenizer(tmp_path / "bpe.gguf", tmp_path / "noscores.gguf", 512, scores=False)

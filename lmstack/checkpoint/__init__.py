@@ -1,1 +1,2 @@
-"""Reading and writing checkpoint files: safetensors I/O and the bounds checked before a load."""
+"""Checkpoint formats (HF folders, quantized folders, GGUF files): reading, writing, and the bounds
+checked before a load."""

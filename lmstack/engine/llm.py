@@ -1,6 +1,6 @@
 """LLM: the offline, streaming and engine-level API (names follow vLLM's).
 
-    llm = LLM("path/to/hf_model")                        # dtype="auto": bf16 where the CPU multiplies bf16 natively, else fp32
+    llm = LLM("path/to/hf_model")  # or a .gguf file; dtype="auto": lmstack.precision's rule (bf16 where the CPU multiplies bf16 natively, else fp32)
     outs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
     outs[0].outputs[0].text
 
@@ -23,7 +23,7 @@ import torch
 from lmstack.engine.block_manager import BlockManager
 from lmstack.engine.model_runner import ModelRunner, kv_bytes_per_block
 from lmstack.malloc import keep_freed_memory
-from lmstack.model.layers import cpu_has, drop_packed_weights
+from lmstack.model.layers import drop_packed_weights
 from lmstack.engine.outputs import CompletionOutput, EngineStats, RequestOutput
 from lmstack.engine.sampler import Sampler, SampleRow
 from lmstack.engine.sampling_params import SamplingParams
@@ -36,12 +36,6 @@ __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Engine
 DEFAULT_KV_CACHE_MEMORY = 1 << 30  # bytes, when neither kv_cache_memory nor num_kv_blocks is given
 
 PromptType = str | list[int]
-
-
-def default_cpu_dtype() -> torch.dtype:
-    """bf16 where the CPU multiplies bf16 natively (AVX512-BF16 / AMX: several times faster than fp32);
-    on CPUs without it (e.g. AVX2 only) bf16 matmuls are emulated and slower than fp32, so fp32."""
-    return torch.bfloat16 if cpu_has("avx512_bf16", "amx_bf16") else torch.float32
 
 
 def _module_compute(model: torch.nn.Module, dtype: str) -> bool:
@@ -71,15 +65,13 @@ class LLM:
         extra_eos: list[int] = []
         bf16_linears = False
         if isinstance(model, (str, Path)):
-            from lmstack.model.loading import load_model, resolve_dtype
+            from lmstack.model.loading import load_model
+            from lmstack.precision import compute_dtype
 
             model_dir = Path(model)
-            if dtype == "auto":
-                dt = default_cpu_dtype()
-            else:
-                dt = resolve_dtype(dtype)
+            dt = compute_dtype(dtype, what=str(model_dir))  # the one rule for "auto" (lmstack.precision)
             if model_dir.suffix == ".gguf":  # weights and tokenizer both live in the one file
-                from lmstack.gguf_io import load_gguf_model
+                from lmstack.checkpoint.gguf.load import load_gguf_model
 
                 self.model, gguf_tok = load_gguf_model(model_dir, dt)
                 tokenizer = tokenizer or gguf_tok

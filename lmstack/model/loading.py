@@ -153,7 +153,7 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype | None = "auto", 
     shapes against the config."""
     path = Path(model_dir)
     if path.suffix == ".gguf":
-        from lmstack.gguf_io import load_gguf_model
+        from lmstack.checkpoint.gguf.load import load_gguf_model
 
         model, _ = load_gguf_model(path, dtype)
         return model.to(device)

@@ -6,6 +6,8 @@ This is the only training module that prints (results to stdout; diagnostics go 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
+from pathlib import Path
 
 from lmstack.config import ConfigError
 
@@ -25,9 +27,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(train_cmd="plot", func=run)
 
     p = subparsers.add_parser("export", help="merge a LoRA/QLoRA adapter into its base model (HF folder), "
-                              "or `export gguf` for llama.cpp")
-    p.add_argument("format", nargs="?", choices=["gguf"], help="`gguf`: write a GGUF file instead of merging")
-    p.add_argument("--model", required=True, help="base model folder (the adapter's base, or the model to convert)")
+                              "`export gguf` for llama.cpp, or `export hf` to turn a .gguf file into an HF folder")
+    p.add_argument("format", nargs="?", choices=["gguf", "hf"],
+                   help="`gguf`: write a GGUF file instead of merging; `hf`: convert a .gguf file to an HF folder")
+    p.add_argument("--model", required=True, help="base model: HF folder or .gguf file (the adapter's base, or the "
+                   "model to convert)")
     p.add_argument("--adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--out", required=True, help="output folder for the merged checkpoint, or FILE.gguf")
     from lmstack.quantize_cli import add_export_gguf_arguments
@@ -38,6 +42,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(train_cmd="export", func=run)
 
 
+def gguf_base_as_folder(cfg):
+    """model.path may be a .gguf file: training starts from it as an HF folder written once into the run
+    directory (at the file's precision; resuming reuses it), which the saved adapter names as its base."""
+    from lmstack.checkpoint.resolve import hf_folder, is_gguf
+
+    if cfg.model.path is None or not is_gguf(cfg.model.path):
+        return cfg
+    base = Path(cfg.training.out_dir) / "base_model"
+    if not (base / "config.json").is_file():
+        print(f"converting {cfg.model.path} to an HF folder: {base}")
+        hf_folder(cfg.model.path, base)
+    model = replace(cfg.model, path=str(base),
+                    tokenizer=str(base) if cfg.model.tokenizer in (None, cfg.model.path) else cfg.model.tokenizer)
+    return replace(cfg, model=model)
+
+
 def run(args: argparse.Namespace) -> int:
     cmd = getattr(args, "train_cmd", None)
     if cmd == "train":
@@ -46,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         from lmstack.train.loop import train
 
         get_stage(args.stage)  # unknown stage -> error before reading data
-        cfg = load_config(args.config, args.overrides, stage=args.stage)
+        cfg = gguf_base_as_folder(load_config(args.config, args.overrides, stage=args.stage))
         res = train(args.stage, cfg)
         last = next((r for r in reversed(res.metrics) if "loss" in r), None)
         ev = next((r for r in reversed(res.metrics) if "eval_loss" in r), None)
@@ -66,15 +86,16 @@ def run(args: argparse.Namespace) -> int:
         for p in paths:
             print(p)
         return 0
-    if cmd == "export" and args.format == "gguf":
-        from lmstack.quantize_cli import run_export_gguf
+    if cmd == "export" and args.format in ("gguf", "hf"):
+        from lmstack.quantize_cli import run_export_gguf, run_export_hf
 
-        return run_export_gguf(args)
+        return (run_export_gguf if args.format == "gguf" else run_export_hf)(args)
     if cmd == "export":
         from lmstack.train.export import export_merged
 
         if not args.adapter:
-            raise ConfigError("lmstack export: --adapter is required to merge (or use `lmstack export gguf`)")
+            raise ConfigError("lmstack export: --adapter is required to merge (or use `lmstack export gguf` / "
+                              "`lmstack export hf`)")
 
         out = export_merged(args.model, args.adapter, args.out, qlora=args.qlora)
         print(f"merged model written to {out}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -67,14 +68,22 @@ def export_merged(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
     An adapter trained with QLoRA saw NF4-quantized base weights, so the base is quantized to NF4 and
     dequantized to bf16 before merging (merging into the original weights would not reproduce the
     trained model); the merged checkpoint is saved in bf16. Otherwise the merge is done in fp32 and
-    saved in the base checkpoint's dtype. `qlora=None` reads how the adapter was trained.
+    saved in the base checkpoint's dtype. `qlora=None` reads how the adapter was trained. The base may
+    be a .gguf file (converted at its own precision first).
     """
-    from lmstack.model.loading import load_model, resolve_dtype, save_model
-    from lmstack.model.lora import load_adapter, merge_lora
+    from lmstack.checkpoint.resolve import hf_folder
 
     base_dir, adapter_dir, out = Path(base_dir), Path(adapter_dir), Path(out_dir)
     if out.resolve() in (base_dir.resolve(), adapter_dir.resolve()):
         raise ConfigError(f"--out {out} must differ from the base model and adapter folders")
+    with tempfile.TemporaryDirectory(prefix="lmstack-export-") as work:
+        return _export_merged(hf_folder(base_dir, work), adapter_dir, out, qlora)
+
+
+def _export_merged(base_dir: Path, adapter_dir: Path, out: Path, qlora: bool | None) -> Path:
+    from lmstack.model.loading import load_model, resolve_dtype, save_model
+    from lmstack.model.lora import load_adapter, merge_lora
+
     if qlora is None:
         qlora = adapter_was_qlora(adapter_dir)
     model = load_model(base_dir, dtype=torch.float32)
