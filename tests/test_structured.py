@@ -204,6 +204,16 @@ def test_invalid_constraints_are_clear(compiler):
         comp.compile(SO(grammar="start: undefined_rule"))
 
 
+def test_special_token_text_is_refused(compiler):
+    """llguidance cannot force a special token's text as text: refused at compile, naming the token."""
+    comp = compiler[0]
+    for p in (SO(choice=["ok", "<|im_end|>"]), SO(grammar='start: "a<|im_start|>"'), SO(regex=r"x<\|im_end\|>"),
+              SO(json={"enum": ["<|endoftext|>"]})):
+        with pytest.raises(StructuredOutputError, match=f"structured_outputs.{p.kind}: forces the text of special"):
+            comp.compile(p)
+    comp.compile(SO(grammar='start: "a" <|im_end|>'))  # the token itself is fine
+
+
 def test_compile_cache(compiler):
     comp = compiler[0]
     a = comp.compile(SO(json={"type": "object", "properties": {"x": {}, "y": {}}}))

@@ -23,6 +23,7 @@ llguidance is imported lazily: a request without structured output never loads i
 from __future__ import annotations
 
 import copy
+import json
 import re
 import threading
 from collections import OrderedDict
@@ -108,6 +109,49 @@ def explain(kind: str, error: str) -> str:
     return f"structured_outputs.{kind}: {what}: {error}"
 
 
+def _forced_strings(params: StructuredOutputsParams) -> list[str]:
+    """The literal texts a constraint forces (choices, schema consts / enums / property names, quoted
+    grammar literals, a regex with its escapes removed)."""
+    kind = params.kind
+    if kind == "choice":
+        return list(params.choice)
+    if kind == "regex":
+        return [re.sub(r"\\(.)", r"\1", params.regex)]
+    if kind == "grammar":
+        out = []
+        for lit in re.findall(r'"(?:[^"\\\n]|\\.)*"', params.grammar):
+            try:
+                out.append(json.loads(lit))
+            except ValueError:
+                out.append(lit)
+        return out
+    out: list[str] = []
+
+    def walk(x: Any) -> None:
+        if isinstance(x, dict):
+            for k in ("const", "enum"):
+                if k in x:
+                    out.append(json.dumps(x[k], ensure_ascii=False))
+            if isinstance(x.get("properties"), dict):
+                out.extend(x["properties"])
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    walk(params.schema)
+    return out
+
+
+def special_text_conflicts(params: StructuredOutputsParams, special_texts: Sequence[str]) -> list[str]:
+    """Special tokens whose text a constraint forces as text. llguidance tokenizes forced text
+    canonically, which yields the special token, then rejects that token as not text (a known
+    llguidance limitation): refused up front instead of failing mid-generation."""
+    forced = _forced_strings(params)
+    return sorted(t for t in special_texts if t and any(t in f for f in forced))
+
+
 class GrammarMatcher:
     """The grammar state of one sequence."""
 
@@ -144,12 +188,13 @@ class GrammarCompiler:
     """Constraint -> compiled prototype (cached) -> one GrammarMatcher per sequence."""
 
     def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: Sequence[int],
-                 cache_size: int = 64) -> None:
+                 special_texts: Sequence[str] = (), cache_size: int = 64) -> None:
         ll = llguidance()
         if not eos_token_ids:
             raise StructuredOutputError("structured outputs need an EOS token id (the model and tokenizer name none)")
         self.vocab_size = vocab_size
         self.tokenizer = ll.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=sorted(eos_token_ids))
+        self.special_texts = list(special_texts)
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple, Any] = OrderedDict()
         self._lock = threading.Lock()
@@ -164,7 +209,8 @@ class GrammarCompiler:
         n = backend.get_vocab_size(with_added_tokens=True)
         if n > vocab_size:
             raise StructuredOutputError(f"the tokenizer has {n} tokens but the model only {vocab_size} logits")
-        return cls(backend.to_str(), vocab_size, eos_token_ids)
+        specials = [t.content for t in backend.get_added_tokens_decoder().values() if t.special]
+        return cls(backend.to_str(), vocab_size, eos_token_ids, specials)
 
     def compile(self, params: StructuredOutputsParams) -> Any:
         """The compiled prototype matcher of a constraint (from the cache when seen before)."""
@@ -174,6 +220,11 @@ class GrammarCompiler:
             if proto is not None:
                 self._cache.move_to_end(key)
                 return proto
+        clash = special_text_conflicts(params, self.special_texts)
+        if clash:
+            raise StructuredOutputError(
+                f"structured_outputs.{params.kind}: forces the text of special token(s) {', '.join(clash)}, which "
+                "cannot be generated as text; in a Lark grammar write the token itself (<[id]>)")
         ll = llguidance()
         proto = ll.LLMatcher(self.tokenizer, grammar_text(params), log_level=0)
         if proto.is_error():
