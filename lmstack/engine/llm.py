@@ -127,6 +127,7 @@ class LLM:
         self._num_prompt_tokens = 0
         self._num_generated = 0
         self._num_finished = 0
+        self._grammars: Any = None  # structured.grammar.GrammarCompiler, built on the first constrained request
         logger.debug("engine: %d KV blocks x %d tokens (%.1f MiB)", num_kv_blocks, block_size,
                      num_kv_blocks * per_block / 2**20)
 
@@ -165,6 +166,8 @@ class LLM:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if params.stop_strs and self.tokenizer is None:
             raise ValueError("SamplingParams.stop (stop strings) needs a tokenizer; use stop_token_ids instead")
+        if params.structured_outputs is not None:
+            self._grammar_compiler().compile(params.structured_outputs)  # a bad constraint fails here, alone
         text, ids = self._encode(prompt)
         n = len(ids)
         if n == 0:
@@ -197,12 +200,24 @@ class LLM:
         # sample i of a request gets its own stream, derived from the request seed
         seed = (req.base_seed + index * 0x9E3779B97F4A7C15) % 2**63
         seq = Sequence(req, index, token_ids, seed)
+        if req.params.structured_outputs is not None:  # one matcher per sample (compiled in _make_request)
+            seq.grammar = self._grammar_compiler().matcher(req.params.structured_outputs)
         if self.tokenizer is not None:
             from lmstack.tokenizer import IncrementalDetokenizer
 
             seq.detok = IncrementalDetokenizer(self.tokenizer, req.params.skip_special_tokens,
                                                prompt_ids=req.prompt_token_ids)
         return seq
+
+    def _grammar_compiler(self) -> Any:
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise ValueError("SamplingParams.structured_outputs needs a tokenizer; pass LLM(..., tokenizer=...)")
+            from lmstack.engine.structured.grammar import GrammarCompiler
+
+            self._grammars = GrammarCompiler.from_tokenizer(self.tokenizer, self.model.config.vocab_size,
+                                                            sorted(self.eos_token_ids))
+        return self._grammars
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None) -> None:
         """Queue one request. Raises ValueError (nothing queued) if it can never be served."""
@@ -316,9 +331,11 @@ class LLM:
         banned = None
         if seq.num_output_tokens < p.min_tokens:
             banned = list(p.stop_token_ids or []) + ([] if p.ignore_eos else sorted(self.eos_token_ids))
+        if seq.grammar is not None:
+            seq.grammar.advance(seq.output_token_ids)  # a no-op unless it is behind (keyed by token count)
         if p.needs_penalties:
-            return SampleRow(p, gen, seq.token_ids[:seq.num_prompt_tokens], seq.output_token_ids, banned)
-        return SampleRow(p, gen, None, None, banned)
+            return SampleRow(p, gen, seq.token_ids[:seq.num_prompt_tokens], seq.output_token_ids, banned, seq.grammar)
+        return SampleRow(p, gen, None, None, banned, seq.grammar)
 
     def _append_token(self, seq: Sequence, tok: int, lp: dict[int, Logprob] | None) -> None:
         p = seq.params
@@ -335,6 +352,14 @@ class LLM:
             finish = "stop"
         elif tok in (p.stop_token_ids or ()):
             finish, reason = "stop", tok
+        complete = False
+        if seq.grammar is not None:
+            if finish is None:
+                seq.grammar.advance(seq.output_token_ids)
+            if seq.grammar.error is not None:  # this token, or the mask before it, hit a grammar error
+                logger.warning("request %s: structured output failed: %s", seq.request.request_id, seq.grammar.error)
+                finish, reason = "abort", None
+            complete = seq.grammar.is_finished
         if seq.detok is not None:
             old_len = len(seq.text)
             if finish is None or p.include_stop_str_in_output and reason is not None:
@@ -345,6 +370,8 @@ class LLM:
                     pos, s = hit
                     seq.text = seq.text[: pos + (len(s) if p.include_stop_str_in_output else 0)]
                     finish, reason = "stop", s
+        if finish is None and complete:  # the grammar allows nothing but EOS now: done, no EOS step
+            finish = "stop"
         if finish is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len):
             finish = "length"
         if finish is not None:

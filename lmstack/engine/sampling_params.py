@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lmstack.engine.structured.params import StructuredOutputsParams
+
 
 class SamplingParamsError(ValueError):
     """An invalid sampling value; the message names the field, the value and the allowed range."""
@@ -27,6 +29,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # top-N log-probabilities per generated token (plus the sampled one)
     skip_special_tokens: bool = True
+    # constrained decoding (JSON schema / json_object / regex / choice / grammar); a dict is converted
+    structured_outputs: StructuredOutputsParams | None = None
     stop_strs: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -77,6 +81,10 @@ class SamplingParams:
             self.stop_token_ids = []
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "a list of non-negative token ids")
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise bad("structured_outputs", "a StructuredOutputsParams, a dict of its fields, or None")
 
     @property
     def greedy(self) -> bool:

@@ -59,6 +59,8 @@ class Sequence:
         self.sent_text_len = 0  # streaming: how much of `text` / tokens were already reported
         self.sent_tokens = 0
         self.num_preemptions = 0
+        # structured output: a structured.grammar.GrammarMatcher over this sequence's generated tokens
+        self.grammar: Any = None
 
     # ------------------------------------------------------------------ views
     @property
