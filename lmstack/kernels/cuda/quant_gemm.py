@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from lmstack.kernels.cuda._triton import dot_precision, tl, triton, usable
-from lmstack.model.quant import (NF4_BLOCK, NF4_CODEBOOK, NF4_SCALE_BLOCK, QuantError, dequantize_int4, dequantize_int8,
+from lmstack.model.quant import (NF4_BLOCK, NF4_SCALE_BLOCK, QuantError, _nf4_levels, dequantize_int4, dequantize_int8,
                                  nf4_absmax, nf4_decode_flat, unpack_awq)
 
 INT8, INT4_AWQ, NF4 = 0, 1, 2
@@ -139,16 +139,6 @@ def nf4_linear_ref(x, t, out_features, in_features, bias=None):
 
 
 # ------------------------------------------------------------------------------------------- API
-_LUT: dict[torch.device, torch.Tensor] = {}
-
-
-def _levels(device: torch.device) -> torch.Tensor:
-    lut = _LUT.get(device)
-    if lut is None:
-        lut = _LUT[device] = NF4_CODEBOOK.float().contiguous().to(device)
-    return lut  # (16,)
-
-
 def _offset(t: dict[str, torch.Tensor]) -> torch.Tensor:
     return t["absmax_offset"].float().reshape(1)
 
@@ -178,7 +168,7 @@ def _launch(fmt: int, x: torch.Tensor, w: torch.Tensor, z: torch.Tensor, s: torc
     if M:
         b = bias if bias is not None else out
         _dequant_gemm_kernel[(triton.cdiv(M, block_m), n_tiles, split)](
-            x2, w, z, s, _levels(x.device), s if nf4_offset is None else nf4_offset, b, out, M, N, K, x2.stride(0),
+            x2, w, z, s, _nf4_levels(x.device), s if nf4_offset is None else nf4_offset, b, out, M, N, K, x2.stride(0),
             group, k_per_split,
             FMT=fmt, HAS_BIAS=bias is not None, SPLIT=split > 1, ALIGNED=aligned,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PREC=dot_precision(x.dtype), num_warps=4)
@@ -259,5 +249,5 @@ def nf4_dequantize(t: dict[str, torch.Tensor], shape: tuple[int, int], dtype: to
     out = torch.empty(n, dtype=dtype, device=t["codes"].device)
     block = 1024
     _nf4_dequant_kernel[(triton.cdiv(n, block),)](t["codes"], t["absmax_q"], t["absmax_scale"].float().contiguous(),
-                                                 _levels(out.device), _offset(t), out, n, BLOCK=block)
+                                                 _nf4_levels(out.device), _offset(t), out, n, BLOCK=block)
     return out.view(shape)
