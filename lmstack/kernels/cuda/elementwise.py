@@ -110,7 +110,10 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _fast(*tensors: torch.Tensor) -> bool:
-    return not torch.is_grad_enabled() and usable(*tensors) and all(t.is_floating_point() for t in tensors)
+    """The kernels apply: no gradient needed through them (they have no backward), Triton usable."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return usable(*tensors) and all(t.is_floating_point() for t in tensors)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
