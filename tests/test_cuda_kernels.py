@@ -241,7 +241,9 @@ def test_nf4_linear_and_dequantize(dtype, M, K, split):
     out = kernel_call(qg.nf4_linear, x, t, N, K, block_k=32, split_k=split)
     gemm_close(out, x.float().cpu() @ w_ref.t(), dtype)
     wd = kernel_call(qg.nf4_dequantize, t, (N, K), dtype)
-    assert wd.dtype == dtype and torch.equal(wd.cpu(), w_ref.to(dtype))
+    assert wd.dtype == dtype
+    # exact on the interpreter; a GPU may fuse absmax's multiply-add (FMA): one rounding fewer
+    torch.testing.assert_close(wd.float().cpu(), w_ref.to(dtype).float(), atol=1e-6, rtol=TOL[dtype])
 
 
 def test_int4_block_k_never_straddles_a_group():
