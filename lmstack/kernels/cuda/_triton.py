@@ -13,6 +13,7 @@ it when a kernel is decorated). The interpreter runs each program in numpy and c
 bfloat16, so bf16 CPU tensors take the reference path. LMSTACK_TRITON=0 forces the references
 everywhere (the GPU benchmark's baseline).
 """
+import functools
 import os
 
 import torch
@@ -76,3 +77,9 @@ def dot_precision(dtype: torch.dtype) -> str:
     """fp32 operands: IEEE products (the default on NVIDIA GPUs is TF32, ~1e-3 relative error, which
     would fail the fp32 comparisons against the references); 16-bit operands ignore this."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (132 on an H200), for split-K heuristics."""
+    return torch.cuda.get_device_properties(device).multi_processor_count

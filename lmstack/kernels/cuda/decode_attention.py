@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from lmstack.kernels.cuda._triton import dot_precision, pow2, tl, triton, usable
+from lmstack.kernels.cuda._triton import dot_precision, pow2, sm_count, tl, triton, usable
 
 LOG2E = math.log2(math.e)
 
@@ -145,7 +145,7 @@ def default_splits(q: torch.Tensor, num_kv_heads: int, max_ctx: int, block_n: in
     One split on the interpreter (CPU), where parallelism buys nothing."""
     if q.device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    sms = sm_count(q.device)
     programs = q.shape[0] * num_kv_heads
     want = triton.cdiv(4 * sms, max(programs, 1))
     return max(1, min(want, triton.cdiv(max_ctx, 2 * block_n), 16))

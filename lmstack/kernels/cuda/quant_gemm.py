@@ -24,7 +24,7 @@ against dequantize + cuBLAS on the H200).
 import torch
 import torch.nn.functional as F
 
-from lmstack.kernels.cuda._triton import dot_precision, tl, triton, usable
+from lmstack.kernels.cuda._triton import dot_precision, sm_count, tl, triton, usable
 from lmstack.model.quant import (NF4_BLOCK, NF4_SCALE_BLOCK, QuantError, _nf4_levels, dequantize_int4, dequantize_int8,
                                  nf4_absmax, nf4_decode_flat, unpack_awq)
 
@@ -147,7 +147,7 @@ def _split_k(x: torch.Tensor, n_tiles: int, K: int, block_k: int) -> int:
     """Decode-size M on a GPU: enough K splits for ~2 programs per SM, each >= 2 k-tiles."""
     if x.device.type != "cuda" or x.reshape(-1, K).shape[0] > DECODE_M:
         return 1
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    sms = sm_count(x.device)
     return max(1, min(triton.cdiv(2 * sms, n_tiles), K // (2 * block_k), 32))
 
 
