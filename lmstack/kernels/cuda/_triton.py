@@ -12,6 +12,12 @@ is on (TRITON_INTERPRET=1 in the environment *before* this package is imported: 
 it when a kernel is decorated). The interpreter runs each program in numpy and cannot compute in
 bfloat16, so bf16 CPU tensors take the reference path. LMSTACK_TRITON=0 forces the references
 everywhere (the GPU benchmark's baseline).
+
+What the interpreter checks: indexing, masks, the algorithms' arithmetic (numpy, fp32 / fp16), the
+tl.dot shape minimum. What only a GPU run checks (scripts/gpu_check.sh): that each kernel compiles
+for the target (the compiler rejects some programs the interpreter runs), bf16, register pressure
+and spills at the chosen block sizes / num_warps, the GPU's approximate exp2 / log and fused
+multiply-adds (hence tolerances, not equality, in the tests), and every speed claim.
 """
 import functools
 import os
