@@ -1,0 +1,1 @@
+"""Per-device kernel packages (`cuda/`: Triton kernels with PyTorch reference fallbacks)."""
