@@ -102,8 +102,9 @@ class BlockManager:
         """Physical blocks already holding this sequence's leading full blocks (no refs taken).
 
         At most (num_tokens - 1) tokens can come from the cache: the last token must be computed
-        to get the logits for the next one."""
-        if not self.enable_prefix_caching:
+        to get the logits for the next one. A request that asks for prompt log-probs takes nothing
+        from the cache (as in vLLM): a cached block's tokens were never run through the LM head."""
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return []
         bs = self.block_size
         max_blocks = (seq.num_tokens - 1) // bs

@@ -25,6 +25,7 @@ from lmstack.engine.model_runner import ModelRunner, kv_bytes_per_block
 from lmstack.malloc import keep_freed_memory
 from lmstack.model.layers import drop_packed_weights
 from lmstack.engine.outputs import CompletionOutput, EngineStats, RequestOutput
+from lmstack.engine.prompt_logprobs import record
 from lmstack.engine.sampler import Sampler, SampleRow
 from lmstack.engine.sampling_params import SamplingParams
 from lmstack.engine.scheduler import Scheduler
@@ -271,7 +272,12 @@ class LLM:
             self._num_prompt_tokens += max(0, min(c + k, s.num_prompt_tokens) - c)
 
         self.runner.copy_blocks(sched.blocks_to_copy)
-        logits = self.runner.execute(token_ids, starts, [s.block_table for s in seqs], sample_mask)
+        capture: dict[int, torch.Tensor | None] = {
+            i: None for i, (s, c) in enumerate(zip(seqs, starts))
+            if s.request.prompt_logprobs is not None and c < s.num_prompt_tokens - 1}
+        logits = self.runner.execute(token_ids, starts, [s.block_table for s in seqs], sample_mask, capture or None)
+        for i, hidden in capture.items():
+            self._record_prompt_logprobs(seqs[i], starts[i], hidden)
         self.scheduler.update_after_step(sched)
 
         # rows to sample: one per finished-pending sequence; n > 1 forks share the prompt's row
@@ -297,12 +303,25 @@ class LLM:
             return outputs
         if len(row_index) != logits.shape[0] or row_index != list(range(len(row_index))):
             logits = logits[torch.tensor(row_index)]
-        rows = [self._sample_row(s) for s in row_seqs]
-        result = self.sampler(logits, rows)
-
         now = time.perf_counter()
         touched: dict[str, Request] = {}
-        for s, tok, lp in zip(row_seqs, result.token_ids, result.logprobs):
+        scored_only = [i for i, s in enumerate(row_seqs) if s.params.max_tokens == 0]
+        for i in scored_only:  # max_tokens=0: the prompt was scored; nothing is sampled
+            row_seqs[i].finish_reason = "length"
+        if scored_only:
+            keep = [i for i in range(len(row_seqs)) if i not in set(scored_only)]
+            done = [row_seqs[i] for i in scored_only]
+            row_seqs, logits = [row_seqs[i] for i in keep], logits[torch.tensor(keep, dtype=torch.long)]
+        else:
+            done = []
+        rows = [self._sample_row(s) for s in row_seqs]
+        result = self.sampler(logits, rows) if rows else None
+        pairs = list(zip(row_seqs, result.token_ids, result.logprobs)) if result is not None else []
+        for s in done:
+            self.scheduler.finish(s)
+            self._generators.pop(s.seq_id, None)
+            touched[s.request.request_id] = s.request
+        for s, tok, lp in pairs:
             self._append_token(s, tok, lp)
             req = s.request
             if req.metrics.first_token_time is None:
@@ -318,6 +337,13 @@ class LLM:
                 self._num_finished += 1
             outputs.append(self._request_output(req))
         return outputs
+
+    def _record_prompt_logprobs(self, seq: Sequence, start: int, hidden: torch.Tensor | None) -> None:
+        if hidden is None:
+            return
+        tok = self.tokenizer
+        decode = (lambda t: tok.decode([t], skip_special_tokens=False)) if tok is not None else None
+        record(seq, start, hidden, self.model.compute_logits, decode)
 
     def _sample_row(self, seq: Sequence) -> SampleRow:
         p = seq.params
@@ -402,7 +428,7 @@ class LLM:
         m.num_cached_tokens = req.seqs[0].num_cached_tokens if req.seqs else 0
         m.num_preemptions = sum(s.num_preemptions for s in req.seqs)
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, comps, req.finished or req.aborted,
-                             m, m.num_cached_tokens)
+                             m, m.num_cached_tokens, req.prompt_logprobs)
 
     # ------------------------------------------------------------------ offline API
     def generate(self, prompts: PromptType | Seq[PromptType], params: SamplingParams | Seq[SamplingParams] | None = None,

@@ -365,13 +365,14 @@ class ModelRunner:
 
     @torch.no_grad()
     def execute(self, token_ids: list[list[int]], starts: list[int], block_tables: list[list[int]],
-                sample_mask: list[bool]) -> torch.Tensor:
+                sample_mask: list[bool], capture: dict[int, torch.Tensor | None] | None = None) -> torch.Tensor:
         """Run one step.
 
         For sequence i compute tokens token_ids[i] at positions starts[i].. (its earlier tokens are in
         the pool already, reachable through block_tables[i]). Sequences must be ordered decodes
         (one token) first. Returns logits (num sampled sequences, V) in the model's dtype for the
-        sequences with sample_mask[i], in order."""
+        sequences with sample_mask[i], in order. For each key i of `capture`, capture[i] is set to the
+        final hidden states (len(token_ids[i]), D) of sequence i (prompt log-probs are scored from them)."""
         bs = self.block_size
         flat_tokens: list[int] = []
         positions: list[int] = []
@@ -432,6 +433,9 @@ class ModelRunner:
             meta = PagedMeta(self.k_cache, self.v_cache, slots, nd, dec_groups, prefills, self.kv_dtype,
                              kernel=self.use_kernel)
             hidden = self.model(tokens, pos, meta=meta)  # (1, T, D)
+        for i in capture or ():
+            end = last_index[i] + 1
+            capture[i] = hidden[0, end - len(token_ids[i]):end]  # (n_i, D)
         rows = [last_index[i] for i in range(len(token_ids)) if sample_mask[i]]
         if not rows:
             return torch.empty(0, self.model.config.vocab_size)

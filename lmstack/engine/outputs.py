@@ -34,6 +34,8 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
+    # per prompt token when SamplingParams.prompt_logprobs is set (entry 0 is None: nothing precedes it)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 @dataclass

@@ -28,6 +28,9 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # top-N log-probabilities per generated token (plus the sampled one)
+    # top-N log-probabilities of every prompt token after the first (plus the actual one; vLLM's name).
+    # Such a request skips the prefix-cache lookup: a cached prefix has no logits to score it with.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     # constrained decoding (JSON schema / json_object / regex / choice / grammar); a dict is converted
     structured_outputs: StructuredOutputsParams | None = None
@@ -55,8 +58,9 @@ class SamplingParams:
             raise bad("presence_penalty", "in [-2, 2]")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             raise bad("frequency_penalty", "in [-2, 2]")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            raise bad("max_tokens", "an integer >= 1 (or None)")
+        # 0 = score the prompt only (OpenAI's echo + max_tokens=0, what lm-eval's log-likelihood sends)
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 0):
+            raise bad("max_tokens", "an integer >= 0 (or None)")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             raise bad("min_tokens", "an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
@@ -67,6 +71,9 @@ class SamplingParams:
             raise bad("seed", "an integer or None")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
             raise bad("logprobs", "an integer >= 0 or None")
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
+                                                 or self.prompt_logprobs < 0):
+            raise bad("prompt_logprobs", "an integer >= 0 or None")
         if self.stop is None:
             self.stop_strs = []
         elif isinstance(self.stop, str):

@@ -127,6 +127,9 @@ class Request:
 
     def __post_init__(self) -> None:
         self.metrics = RequestMetrics(arrival_time=self.arrival_time, num_prompt_tokens=len(self.prompt_token_ids))
+        # prompt_logprobs: entry j scores prompt token j given tokens < j; entry 0 has no context (None)
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
+            [None] * len(self.prompt_token_ids) if self.params.prompt_logprobs is not None else None)
 
     @property
     def num_prompt_tokens(self) -> int:
