@@ -479,3 +479,27 @@ def test_engine_fuses_int8_projections_exactly(tiny_llama, tmp_path):
     assert again == ref
     set_kernel_activation_dtype(llm.model, torch.bfloat16)  # not W8A8: the separate modules again
     assert not attn._fused_qkv.active()
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_tied_model_with_quantized_head_roundtrips(tmp_path, method):
+    """skip=() on a tied model (what a GGUF with a quantized output matrix is): the head keeps its own
+    codes through save / load instead of being re-tied to the float embedding."""
+    from lmstack.model.loading import load_model
+    from tests.fixtures import make_tiny_hf
+
+    src = tmp_path / "qwen2"
+    make_tiny_hf("qwen2", src)  # tie_word_embeddings
+    torch.manual_seed(0)
+    tokens = torch.randint(3, 320, (2, 12))
+    model = load_model(src, dtype=torch.float32)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    quantize_model(model, method, group_size=32, skip=())
+    assert isinstance(model.lm_head, QuantLinear)
+    set_kernel_activation_dtype(model, None)
+    out = _logits(model, tokens)
+    save_quantized(model, tmp_path / "q", skip=())
+    loaded = load_model(tmp_path / "q", dtype=torch.float32)
+    set_kernel_activation_dtype(loaded, None)
+    assert isinstance(loaded.lm_head, QuantLinear)
+    assert torch.allclose(_logits(loaded, tokens), out, atol=1e-5)

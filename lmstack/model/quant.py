@@ -884,7 +884,9 @@ def load_quantized(model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype =
         from lmstack.model.rope import RotaryEmbedding
 
         model.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
-    if cfg.tie_embeddings and cfg.head == "lm":
+    if cfg.tie_embeddings and cfg.head == "lm" and not isinstance(model.lm_head, QuantLinear):
+        # a head quantized on its own (skip=() on a tied model) keeps its codes; re-tying would put
+        # the float embedding where the int8 / int4 weight belongs
         model.lm_head.weight = model.model.embed_tokens.weight
     # The rest (embeddings, norms, unquantized heads) by name, through the common loader's checks.
     quant_keys = {k for n in qnames for k in tensors if k.startswith(n + ".")}
