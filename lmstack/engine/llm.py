@@ -275,7 +275,9 @@ class LLM:
         capture: dict[int, torch.Tensor | None] = {
             i: None for i, (s, c) in enumerate(zip(seqs, starts))
             if s.request.prompt_logprobs is not None and c < s.num_prompt_tokens - 1}
-        logits = self.runner.execute(token_ids, starts, [s.block_table for s in seqs], sample_mask, capture or None)
+        tables = [s.block_table for s in seqs]
+        logits = (self.runner.execute(token_ids, starts, tables, sample_mask, capture=capture) if capture
+                  else self.runner.execute(token_ids, starts, tables, sample_mask))
         for i, hidden in capture.items():
             self._record_prompt_logprobs(seqs[i], starts[i], hidden)
         self.scheduler.update_after_step(sched)

@@ -58,9 +58,11 @@ class SamplingParams:
             raise bad("presence_penalty", "in [-2, 2]")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             raise bad("frequency_penalty", "in [-2, 2]")
-        # 0 = score the prompt only (OpenAI's echo + max_tokens=0, what lm-eval's log-likelihood sends)
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 0):
-            raise bad("max_tokens", "an integer >= 0 (or None)")
+        # 0 = score the prompt only (OpenAI's echo + max_tokens=0, what lm-eval's log-likelihood sends):
+        # meaningful only with prompt_logprobs, otherwise a request that does nothing
+        min_max = 0 if self.prompt_logprobs is not None else 1
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < min_max):
+            raise bad("max_tokens", f"an integer >= {min_max} (or None); 0 only with prompt_logprobs")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             raise bad("min_tokens", "an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
