@@ -10,9 +10,16 @@
 The build needs a C++ compiler (g++ / clang++); it takes ~30 s once on 2 cores and is cached by PyTorch
 (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions). Without a compiler, on other devices,
 or with LMSTACK_CPU_KERNELS=0, the PyTorch ops run instead: same results up to float rounding.
+
+The extension's name carries a hash of the sources, flags and torch version, so two checkouts or
+versions never build over each other. PyTorch's builder waits forever on a `lock` file that a killed
+build left behind; every lmstack build first takes an flock (the kernel releases it when its holder
+dies), and whoever holds it knows no build is running and removes a leftover `lock` with a warning.
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import logging
 import os
 import shutil
@@ -48,6 +55,45 @@ def _put_ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
+
+
+def extension_name() -> str:
+    """lmstack_cpu_kernels_<hash of the sources, flags and torch version>."""
+    h = hashlib.sha256(f"{torch.__version__} {_FLAGS}".encode())
+    for f in _SOURCES + tuple(sorted(p.name for p in _CSRC.glob("*.h"))):
+        h.update(f.encode() + b"\0" + (_CSRC / f).read_bytes())
+    return f"lmstack_cpu_kernels_{h.hexdigest()[:12]}"
+
+
+def _build(name: str) -> ModuleType:
+    from torch.utils.cpp_extension import _get_build_directory
+    from torch.utils.cpp_extension import load as build
+
+    d = Path(_get_build_directory(name, verbose=False))
+    with open(d / "lmstack-build.flock", "w") as held:
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("waiting for another process building lmstack's C++ CPU kernels in %s", d)
+            fcntl.flock(held, fcntl.LOCK_EX)
+        stale = d / "lock"
+        if stale.exists():  # no build runs (we hold the flock): a killed build left it; torch would wait forever
+            logger.warning("removing %s, left by a killed build of lmstack's C++ CPU kernels", stale)
+            stale.unlink(missing_ok=True)
+        cached = any(d.glob(f"{name}*.so"))
+        if not cached:
+            logger.info("building lmstack's C++ CPU kernels in %s (once, ~30-60 s on 2 cores)", d)
+        t0 = time.perf_counter()
+        # no fp-contract: GCC would fuse a*b + c into an FMA and round differently from the PyTorch ops
+        # the kernels replace
+        module = build(name=name, sources=[str(_CSRC / f) for f in _SOURCES], extra_cflags=_FLAGS,
+                       extra_ldflags=["-fopenmp"], build_directory=str(d), verbose=False)
+        if not cached:
+            logger.info("built lmstack's C++ CPU kernels in %.0f s (cached for later runs)", time.perf_counter() - t0)
+        return module
+
+
 def load() -> ModuleType | None:
     """The compiled module, building it on the first call; None when disabled or the build failed
     (logged once, then the PyTorch path is used for the rest of the process)."""
@@ -60,18 +106,8 @@ def load() -> ModuleType | None:
     with _lock:
         if _module is None and not _failed:
             try:
-                from torch.utils.cpp_extension import load as build
-
                 _put_ninja_on_path()
-                t0 = time.perf_counter()
-
-                # no fp-contract: GCC would fuse a*b + c into an FMA and round differently from the PyTorch ops
-                # the kernels replace
-                flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
-                _module = build(name="lmstack_cpu_kernels", sources=[str(_CSRC / f) for f in _SOURCES], extra_cflags=flags,
-                                extra_ldflags=["-fopenmp"], verbose=False)
-                if time.perf_counter() - t0 > 5:  # a real build, not a cache hit: say where the time went
-                    logger.info("built lmstack's C++ CPU kernels in %.0f s (cached for later runs)", time.perf_counter() - t0)
+                _module = _build(extension_name())
             except Exception as e:  # no compiler, unsupported platform, ...: fall back, say why once
                 _failed = True
                 logger.warning("lmstack C++ CPU kernels unavailable (%s: %s); using PyTorch ops instead",

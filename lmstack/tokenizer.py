@@ -407,10 +407,12 @@ class Tokenizer:
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False,
                             tokenize: bool = False, tools: list[dict] | None = None,
                             documents: list[dict] | None = None, chat_template: str | None = None,
-                            **template_kwargs: Any) -> str | list[int]:
+                            max_chars: int | None = None, **template_kwargs: Any) -> str | list[int]:
         """Render `messages` ([{"role", "content", ...}]) with the folder's jinja chat template,
         byte-identical to transformers' apply_chat_template. `tokenize=True` returns ids, encoded
-        without adding special tokens (the template writes bos itself where the model wants it)."""
+        without adding special tokens (the template writes bos itself where the model wants it).
+        `max_chars`: a rendering that grows past it stops there with a ChatTemplateError (a server's
+        bound on what one request's template may produce)."""
         template = compile_chat_template(self.get_chat_template(chat_template, tools))
         if tools is not None:
             for i, t in enumerate(tools):
@@ -420,8 +422,18 @@ class Tokenizer:
         # Template kwargs override the special tokens, which are passed as plain strings.
         variables = {**self.special_tokens, **template_kwargs}
         try:
-            text = template.render(messages=chat, tools=tools, documents=documents,
-                                   add_generation_prompt=add_generation_prompt, **variables)
+            pieces = template.generate(messages=chat, tools=tools, documents=documents,
+                                       add_generation_prompt=add_generation_prompt, **variables)
+            if max_chars is None:
+                text = "".join(pieces)
+            else:
+                out, n = [], 0
+                for piece in pieces:  # jinja yields the output as it is produced: stop early
+                    n += len(piece)
+                    if n > max_chars:
+                        raise ChatTemplateError(f"the chat template's output exceeds {max_chars} characters")
+                    out.append(piece)
+                text = "".join(out)
         except jinja2.exceptions.TemplateError as e:
             raise ChatTemplateError(f"chat template error: {e}") from e
         if tokenize:

@@ -406,7 +406,7 @@ def test_engine_failure_is_reported_not_hung(model_dir):
 
 
 def test_serve_cli_wiring(model_dir, monkeypatch):
-    """`lmstack serve` flags reach the engine and the app (uvicorn.run is replaced by a loopback thread)."""
+    """`lmstack serve` flags reach the engine and the app (uvicorn.Server.run is replaced by a loopback thread)."""
     import uvicorn
 
     from lmstack.cli import build_parser
@@ -416,7 +416,9 @@ def test_serve_cli_wiring(model_dir, monkeypatch):
             "--max-num-seqs", "3", "--no-prefix-caching"]
     seen = {}
 
-    def fake_run(app, host, port, **kw):
+    def fake_run(server, *a, **kw):
+        monkeypatch.undo()  # the loopback ServerThread below runs a real uvicorn.Server
+        app, host, port = server.config.app, server.config.host, server.config.port
         seen.update(host=host, port=port)
         engine = app.state.async_engine.engine
         assert (engine.block_size, engine.block_manager.num_blocks, engine.max_model_len) == (4, 100, 128)
@@ -433,7 +435,7 @@ def test_serve_cli_wiring(model_dir, monkeypatch):
         finally:
             srv.stop()
 
-    monkeypatch.setattr(uvicorn, "run", fake_run)
+    monkeypatch.setattr(uvicorn.Server, "run", fake_run)
     args = build_parser(argv).parse_args(argv)
     assert args.func(args) == 0
     assert seen == {"host": "127.0.0.1", "port": 0, "tokens": 2}

@@ -1,6 +1,7 @@
 """Batched next-token sampling with per-row parameters.
 
 Order of operations on each row's logits (float32):
+  0. logit_bias (OpenAI: the value is added to that token's logit; -100 all but bans it);
   1. penalties: repetition (CTRL, Keskar et al. 2019: seen token's logit / p if > 0 else * p, over
      prompt + output tokens), then frequency and presence (OpenAI: logit -= f * count + p * [count > 0],
      over output tokens only);
@@ -15,6 +16,11 @@ Order of operations on each row's logits (float32):
      (inverse-transform sampling; the CDF in two levels, over blocks of tokens and then inside one).
      Each row consumes exactly one number from its own generator and every operation above is
      row-wise, so a seeded request samples the same tokens whatever else is in the batch.
+Totality: whatever the parameters, every row yields a token id in [0, V). Temperatures below 1e-5
+are greedy; NaN logits (0 / 0 from a repetition penalty that rounds to 0 in float32) count as
+excluded and +inf as the largest float; top-p always keeps the most likely token (a top_p that rounds
+to 0 in float32 would drop them all); a row whose every token is excluded (stop_token_ids listing the
+whole vocabulary under min_tokens) falls back to its unpenalized, unmasked logits.
 Log-probabilities (`logprobs=N`) are those of the raw model distribution (before penalties and
 temperature), as in vLLM: the sampled token plus the top N, each with its rank.
 """
@@ -94,6 +100,7 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
             sorted_logits = sorted_logits.masked_fill((sorted_logits < kth) & (ranks >= k[:, None]), neg_inf)
         probs = sorted_logits.softmax(-1)
         drop = (probs.cumsum(-1) - probs) >= top_p[:, None]
+        drop[:, 0] = False  # the most likely token always stays (top_p=1e-300 is 0.0 in float32)
         sorted_logits = sorted_logits.masked_fill(drop, neg_inf)
         logits = torch.empty_like(logits).scatter_(1, idx, sorted_logits)
     elif bool(use_k.any()):
@@ -151,6 +158,19 @@ def _sample_from_logits(scaled: torch.Tensor, generators: list[torch.Generator |
     return (bi * B + j).squeeze(1)
 
 
+_FMAX = torch.finfo(torch.float32).max
+
+
+def _total(logits: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+    """Processed float logits (N, V) -> the same with NaN excluded (-inf), +inf the largest float, and
+    every row that excludes all tokens replaced by its raw logits (so each row can yield a token)."""
+    logits = torch.nan_to_num_(logits, nan=float("-inf"), posinf=_FMAX, neginf=float("-inf"))
+    dead = torch.isneginf(logits).all(-1)
+    if bool(dead.any()):
+        logits[dead] = torch.nan_to_num(raw[dead].float(), nan=0.0, posinf=_FMAX, neginf=-_FMAX)
+    return logits
+
+
 def compute_logprobs(raw_logits: torch.Tensor, tokens: torch.Tensor, nums: list[int]) -> list[dict[int, Logprob]]:
     """For each row: {sampled token: Logprob, then the top-`nums[i]` tokens} (ranks are 1-based)."""
     lp = raw_logits.float().log_softmax(-1)  # (N, V)
@@ -180,11 +200,16 @@ class Sampler:
 
         pen_rows = [i for i, p in enumerate(params) if p.needs_penalties]
         banned = [(i, t) for i, r in enumerate(rows) for t in (r.banned_ids or []) if 0 <= t < V]
+        biased = [(i, t, b) for i, p in enumerate(params) for t, b in (p.logit_bias or {}).items() if t < V]
         # all-greedy rows without penalties or bans take the argmax of the raw (e.g. bf16) logits: the
         # same index as after an exact upcast, without an (N, V) fp32 copy (64 x 151936: 3.5 ms, not 4.1)
         g_rows = [i for i, r in enumerate(rows) if r.grammar is not None]
-        if pen_rows or banned or g_rows or not all(p.greedy for p in params):
+        if pen_rows or banned or g_rows or biased or not all(p.greedy for p in params):
             logits = logits.float()
+        if biased:
+            logits = logits.clone()
+            bi = torch.tensor([(i, t) for i, t, _ in biased], device=dev)
+            logits[bi[:, 0], bi[:, 1]] += torch.tensor([b for _, _, b in biased], device=dev)
         if pen_rows:
             sel = torch.tensor(pen_rows, device=dev)
             logits = logits.clone()
@@ -197,16 +222,19 @@ class Sampler:
                 torch.tensor([params[i].frequency_penalty for i in pen_rows], device=dev),
             )
         if banned:
-            if not pen_rows:
+            if not pen_rows and not biased:
                 logits = logits.clone()
             bi = torch.tensor(banned, device=dev)
             logits[bi[:, 0], bi[:, 1]] = float("-inf")
         if g_rows:
             from lmstack.engine.structured.mask import apply_grammar_masks
 
-            if not pen_rows and not banned and logits.data_ptr() == raw.data_ptr():
+            if not pen_rows and not banned and not biased and logits.data_ptr() == raw.data_ptr():
                 logits = logits.clone()  # fp32 input: .float() did not copy, and raw feeds the logprobs
             apply_grammar_masks(logits, g_rows, [rows[i].grammar for i in g_rows])
+
+        if pen_rows or banned or g_rows:  # the only steps that make NaN or all-excluded rows
+            logits = _total(logits, raw)
 
         tokens = torch.empty(N, dtype=torch.long, device=dev)
         greedy = [i for i, p in enumerate(params) if p.greedy]
@@ -222,6 +250,7 @@ class Sampler:
             r = torch.tensor(rand, device=dev)
             temp = torch.tensor([params[i].temperature for i in rand], device=dev)
             scaled = (logits if len(rand) == N else logits[r]) / temp[:, None]  # a new tensor either way
+            scaled.clamp_(max=_FMAX)  # a 1e6 logit / 1e-5 overflows to inf; inf - inf would be NaN
             scaled = filter_logits(
                 scaled,
                 torch.tensor([params[i].top_k for i in rand], device=dev, dtype=torch.long),

@@ -10,6 +10,9 @@ class SamplingParamsError(ValueError):
     """An invalid sampling value; the message names the field, the value and the allowed range."""
 
 
+GREEDY_BELOW = 1e-5  # temperatures under this sample greedily
+
+
 @dataclass
 class SamplingParams:
     n: int = 1  # independent samples of the same prompt (they share its KV blocks)
@@ -32,6 +35,7 @@ class SamplingParams:
     # Such a request skips the prefix-cache lookup: a cached prefix has no logits to score it with.
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # OpenAI's: token id -> value added to its logit, in [-100, 100]
     # constrained decoding (JSON schema / json_object / regex / choice / grammar); a dict is converted
     structured_outputs: StructuredOutputsParams | None = None
     stop_strs: list[str] = field(init=False, repr=False)
@@ -90,6 +94,12 @@ class SamplingParams:
             self.stop_token_ids = []
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "a list of non-negative token ids")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or not all(
+                    isinstance(k, int) and k >= 0 and isinstance(v, (int, float)) and -100 <= v <= 100
+                    for k, v in self.logit_bias.items()):
+                raise bad("logit_bias", "a dict of token id (int >= 0) -> bias in [-100, 100]")
+            self.logit_bias = {k: float(v) for k, v in self.logit_bias.items()} or None
         if isinstance(self.structured_outputs, dict):
             self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
@@ -97,7 +107,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # vLLM's _SAMPLING_EPS: below it, logits / temperature overflows float32 (1e-50 -> inf - inf = NaN)
+        # and the distribution is an argmax anyway
+        return self.temperature < GREEDY_BELOW
 
     @property
     def needs_penalties(self) -> bool:

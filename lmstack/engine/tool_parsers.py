@@ -24,7 +24,7 @@ import json
 import secrets
 import string
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from lmstack.engine.partial_json import WS as _WS
