@@ -316,7 +316,16 @@ class LLM:
             row_seqs, logits = [row_seqs[i] for i in keep], logits[torch.tensor(keep, dtype=torch.long)]
         else:
             done = []
-        rows = [self._sample_row(s) for s in row_seqs]
+        rows, ok = [], []
+        for i, s in enumerate(row_seqs):
+            try:
+                rows.append(self._sample_row(s))
+                ok.append(i)
+            except Exception as e:  # e.g. a grammar that fails: this request stops, the batch goes on
+                self._fail(s.request, e)
+                touched[s.request.request_id] = s.request
+        if len(ok) < len(row_seqs):
+            row_seqs, logits = [row_seqs[i] for i in ok], logits[torch.tensor(ok, dtype=torch.long)]
         result = self.sampler(logits, rows) if rows else None
         pairs = list(zip(row_seqs, result.token_ids, result.logprobs)) if result is not None else []
         for s in done:
@@ -324,11 +333,17 @@ class LLM:
             self._generators.pop(s.seq_id, None)
             touched[s.request.request_id] = s.request
         for s, tok, lp in pairs:
-            self._append_token(s, tok, lp)
             req = s.request
+            touched[req.request_id] = req
+            if req.error is not None:  # another sample of the request failed this step
+                continue
+            try:
+                self._append_token(s, tok, lp)
+            except Exception as e:  # detokenizing, stop strings, grammar: one request's problem
+                self._fail(req, e)
+                continue
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
-            touched[req.request_id] = req
             if s.finish_reason is not None:
                 self.scheduler.finish(s)
                 self._generators.pop(s.seq_id, None)
@@ -339,6 +354,18 @@ class LLM:
                 self._num_finished += 1
             outputs.append(self._request_output(req))
         return outputs
+
+    def _fail(self, req: Request, e: Exception) -> None:
+        """Processing `req` raised: stop it alone (KV blocks freed, finish_reason "abort", the error kept
+        for its RequestOutput), as a client abort would; the rest of the batch is unaffected."""
+        logger.exception("request %s failed and was stopped", req.request_id)
+        req.error = f"{type(e).__name__}: {e}"
+        req.aborted = True  # finished even before an n > 1 request forked
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq)
+                seq.finish_reason = "abort"
+                self._generators.pop(seq.seq_id, None)
 
     def _record_prompt_logprobs(self, seq: Sequence, start: int, hidden: torch.Tensor | None) -> None:
         if hidden is None:
@@ -430,7 +457,7 @@ class LLM:
         m.num_cached_tokens = req.seqs[0].num_cached_tokens if req.seqs else 0
         m.num_preemptions = sum(s.num_preemptions for s in req.seqs)
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, comps, req.finished or req.aborted,
-                             m, m.num_cached_tokens, req.prompt_logprobs)
+                             m, m.num_cached_tokens, req.prompt_logprobs, req.error)
 
     # ------------------------------------------------------------------ offline API
     def generate(self, prompts: PromptType | Seq[PromptType], params: SamplingParams | Seq[SamplingParams] | None = None,

@@ -36,6 +36,8 @@ class RequestOutput:
     num_cached_tokens: int = 0
     # per prompt token when SamplingParams.prompt_logprobs is set (entry 0 is None: nothing precedes it)
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    # set when processing this request raised: it was stopped alone, the others went on
+    error: str | None = None
 
 
 @dataclass

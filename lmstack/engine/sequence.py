@@ -124,6 +124,7 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     forked: bool = False  # n > 1: children created after the prompt's prefill
     aborted: bool = False
+    error: str | None = None  # processing this request raised: it was stopped alone (finish_reason "abort")
 
     def __post_init__(self) -> None:
         self.metrics = RequestMetrics(arrival_time=self.arrival_time, num_prompt_tokens=len(self.prompt_token_ids))

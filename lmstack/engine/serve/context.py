@@ -181,6 +181,9 @@ class ServeContext:
                     raise APIError(500, str(item), type="server_error")
                 if isinstance(item, BaseException):
                     raise APIError(500, f"the engine stopped: {type(item).__name__}", type="server_error")
+                if item.error is not None:  # the engine stopped this request alone (details in its log)
+                    raise APIError(500, f"the engine failed on this request ({item.request_id}; the details are "
+                                   "in the server log); other requests were not affected", type="server_error")
                 if item.finished:
                     pending.discard(key)
                     self._closed(rids[key])
