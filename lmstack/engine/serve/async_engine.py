@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from lmstack.engine.sampling_params import SamplingParams
 from lmstack.log import logger
+from lmstack.malloc import release_freed_memory
 
 # Prometheus histogram buckets for time to first token, in seconds.
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -178,10 +179,15 @@ class AsyncEngine:
     def _loop(self) -> None:
         eng = self.engine
         failures = 0
+        busy = False
         try:
             while not self._stop.is_set():
                 if not eng.has_unfinished_requests():
+                    if busy:  # going idle: hand the heap's free pages back (see lmstack/malloc.py)
+                        release_freed_memory()
+                        busy = False
                     self._handle(self._inbox.get())  # idle: sleep until a command arrives
+                busy = True
                 while True:  # between steps: take whatever else has arrived, without waiting
                     try:
                         self._handle(self._inbox.get_nowait())
