@@ -78,3 +78,13 @@ def test_top_p_tiny_keeps_exactly_the_most_likely_token():
     logits[:, 7] = 0.0
     rows = [SampleRow(SamplingParams(top_p=1e-300, seed=i), torch.Generator().manual_seed(i)) for i in range(4)]
     assert Sampler()(logits.clone(), rows).token_ids == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("name", ["temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                                  "frequency_penalty"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_parameters_are_refused_by_name(name, value):
+    from lmstack.engine.sampling_params import SamplingParamsError
+
+    with pytest.raises(SamplingParamsError, match=f"SamplingParams.{name} must be a finite number"):
+        SamplingParams(**{name: value})

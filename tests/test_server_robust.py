@@ -131,6 +131,11 @@ def test_hostile_bodies(server):
     assert e["param"] == "messages" and "surrogate" in e["message"]
     raw = '{"model": "%s", "prompt": "a\\udfffb", "max_tokens": 2}' % NAME
     _err(httpx.post(u + "/v1/completions", content=raw, headers={"Content-Type": "application/json"}), 400)
+    for field in ("temperature", "repetition_penalty", "top_p"):  # JSON's NaN / Infinity literals
+        for lit in ("NaN", "Infinity"):
+            raw = '{"model": "%s", "prompt": "hi", "max_tokens": 2, "%s": %s}' % (NAME, field, lit)
+            e = _err(httpx.post(u + "/v1/completions", content=raw, headers={"Content-Type": "application/json"}), 400)
+            assert e["param"] == field or field in e["message"], e
     big = {"model": NAME, "prompt": "x" * 300_000}
     assert _err(httpx.post(u + "/v1/completions", json=big), 413)["code"] == "request_too_large"
 

@@ -1,6 +1,7 @@
 """SamplingParams: how one request is decoded. Field names and meanings follow vLLM's."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from lmstack.engine.structured.params import StructuredOutputsParams
@@ -46,6 +47,10 @@ class SamplingParams:
 
         if not isinstance(self.n, int) or self.n < 1:
             raise bad("n", "an integer >= 1")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise bad(name, "a finite number")
         if self.temperature < 0:
             raise bad("temperature", ">= 0")
         if not 0.0 < self.top_p <= 1.0:
