@@ -203,7 +203,8 @@ def test_chat_template_from_the_client(server, model_dir):
     e = _err(httpx.post(u, json={**body, "messages": [{"role": "user", "content": "y" * 30_000}]}), 400)
     assert "exceeds 20000 characters" in e["message"]
     srv = ServerThread(build_app(_engine(model_dir), NAME, limits=Limits(trust_request_chat_template=True,
-                                                                         max_template_chars=10_000)))
+                                                                         max_template_chars=10_000,
+                                                                         template_timeout_s=0.5)))
     try:
         ok = "{% for m in messages %}{{ m.content }}{% endfor %}"
         r = httpx.post(srv.url + "/v1/chat/completions", json={**body, "chat_template": ok}, timeout=60)
@@ -211,6 +212,10 @@ def test_chat_template_from_the_client(server, model_dir):
             srv_tok := _engine(model_dir).tokenizer.encode("hi there", add_special_tokens=False)) and srv_tok
         e = _err(httpx.post(srv.url + "/v1/chat/completions", json={**body, "chat_template": evil}, timeout=60), 400)
         assert "exceeds 10000 characters" in e["message"]
+        quiet = ("{% for i in range(300) %}{% for j in range(300) %}{% for k in range(1000) %}{% endfor %}"
+                 "{% endfor %}{% endfor %}x")  # ~3 s of loops that write nothing
+        e = _err(httpx.post(srv.url + "/v1/chat/completions", json={**body, "chat_template": quiet}, timeout=60), 400)
+        assert "longer than 0.5 s" in e["message"]
     finally:
         srv.stop()
 

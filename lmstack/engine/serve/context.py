@@ -96,8 +96,14 @@ class ServeContext:
             raise APIError(400, "a chat_template in the request is refused: it is code the server would run; "
                            "start the server with --trust-request-chat-template to allow it", param="chat_template")
         try:
-            return await self.off_loop(tok.apply_chat_template, messages, tokenize=False, chat_template=chat_template,
-                                       max_chars=self.limits.max_template_chars, **kwargs)
+            # the wait is bounded; a worker thread cannot be stopped, so a template that loops without
+            # output keeps one busy (the model's own template, or one trusted by flag, never comes from a client)
+            return await asyncio.wait_for(self.off_loop(
+                tok.apply_chat_template, messages, tokenize=False, chat_template=chat_template,
+                max_chars=self.limits.max_template_chars, **kwargs), timeout=self.limits.template_timeout_s)
+        except asyncio.TimeoutError:
+            raise APIError(400, f"the chat template took longer than {self.limits.template_timeout_s} s to render",
+                           param=param) from None
         except Exception as e:  # a template that rejects the conversation (e.g. roles out of order)
             raise APIError(400, f"could not apply the chat template: {e}", param=param) from e
 

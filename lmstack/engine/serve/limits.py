@@ -26,10 +26,12 @@ class Limits:
     max_queued_requests: int = 256  # --max-queued-requests: waiting beyond the running batch (then 429)
     request_timeout_s: float | None = None  # --request-timeout: a request's whole life (then 504)
     max_template_chars: int = 8 * 2**20  # what the chat template may produce for one request
+    template_timeout_s: float = 10.0  # how long the client waits for its chat template to render
     trust_request_chat_template: bool = False  # --trust-request-chat-template
 
     def __post_init__(self) -> None:
-        for name in ("max_request_bytes", "body_timeout_s", "max_queued_requests", "max_template_chars"):
+        for name in ("max_request_bytes", "body_timeout_s", "max_queued_requests", "max_template_chars",
+                     "template_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"Limits.{name} must be > 0, got {getattr(self, name)}")
         if self.request_timeout_s is not None and self.request_timeout_s <= 0:
