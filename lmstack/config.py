@@ -23,6 +23,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "MistralForCausalLM": "mistral",
+    "Phi3ForCausalLM": "phi3",
     "GPT2LMHeadModel": "gpt2",
 }
 # Sequence-classification heads (reward models) share the backbone.
@@ -35,7 +36,7 @@ SEQ_CLS_ARCHITECTURES = {
 _CAUSAL_BY_TYPE = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
 _SEQ_CLS_BY_TYPE = {v: k for k, v in SEQ_CLS_ARCHITECTURES.items()}
 
-_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 ACTIVATIONS = ("silu", "gelu_new", "gelu_pytorch_tanh", "gelu", "relu")  # model/layers.py implements these
 # RoPE angles are pos * inv_freq in float32, which holds every integer position exactly only up to 2^24;
 # no supported checkpoint comes near it (Qwen2.5-1M: 1,010,000) and a larger value is a corrupt file.
@@ -91,7 +92,7 @@ def read_json_object(path: Path, error: type[ConfigError] = ConfigError) -> dict
 
 @dataclass
 class ModelConfig:
-    model_type: str = "llama"  # llama | qwen2 | qwen3 | mistral | gpt2
+    model_type: str = "llama"  # llama | qwen2 | qwen3 | mistral | phi3 | gpt2
     vocab_size: int = 32000
     hidden_size: int = 256
     intermediate_size: int = 688
@@ -260,7 +261,7 @@ class ModelConfig:
             sliding = None
             use_sliding = f.get("use_sliding_window", bool, None, False)
             window_layers = f.get("max_window_layers", int, 0, 0)
-            if model_type == "mistral" or (model_type in ("qwen2", "qwen3") and use_sliding):
+            if model_type in ("mistral", "phi3") or (model_type in ("qwen2", "qwen3") and use_sliding):
                 sliding = f.get("sliding_window", int, 1)
             else:
                 f.get("sliding_window", int, 1)  # checked, unused
@@ -279,6 +280,8 @@ class ModelConfig:
                 rope_scaling = rope_params
             if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default":
                 rope_scaling = None
+            if model_type == "phi3":
+                rope_scaling = _phi3_rope(f, rope_scaling, source)
             act = f.get("hidden_act", str, None, "silu")
             if act != "silu":
                 raise ConfigError(f"{source}: hidden_act {act!r} is not supported for {model_type} (only 'silu')")
@@ -354,8 +357,14 @@ class ModelConfig:
             )
             if self.model_type in ("llama", "qwen3"):
                 d.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
-            if self.model_type == "mistral":
+            if self.model_type in ("mistral", "phi3"):
                 d["sliding_window"] = self.sliding_window
+            if self.model_type == "phi3":
+                s = dict(self.rope_scaling or {})
+                d["original_max_position_embeddings"] = s.pop("original_max_position_embeddings",
+                                                              self.max_position_embeddings)
+                d["rope_scaling"] = s or None
+                d["partial_rotary_factor"] = 1.0
             if self.model_type in ("qwen2", "qwen3"):
                 d["use_sliding_window"] = self.sliding_window is not None
                 d["sliding_window"] = self.sliding_window
@@ -396,6 +405,24 @@ class _HFFields:
         return check_value(f"{self.source}: {key}", self.d[key], int, 1)
 
 
+def _phi3_rope(f: "_HFFields", scaling: dict | None, source: str) -> dict | None:
+    """Phi-3 keeps original_max_position_embeddings beside rope_scaling; LongRoPE ("longrope", older
+    files "su") needs it inside. Partial rotary (Phi-4-mini's 0.75) is not implemented."""
+    orig = f.get("original_max_position_embeddings", int, 1)
+    partial = f.get("partial_rotary_factor", float, None, (scaling or {}).get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ConfigError(f"{source}: partial_rotary_factor {partial} is not supported (only 1.0)")
+    if scaling is None:
+        return None
+    scaling = dict(scaling)
+    if scaling.get("type") == "su" or scaling.get("rope_type") == "su":
+        scaling.pop("type", None)
+        scaling["rope_type"] = "longrope"
+    if orig is not None:
+        scaling.setdefault("original_max_position_embeddings", orig)
+    return scaling
+
+
 def _check_rope_scaling(s: dict[str, Any]) -> None:
     rtype = s.get("rope_type", s.get("type", "default"))
     if rtype not in _ROPE_TYPES:
@@ -407,6 +434,13 @@ def _check_rope_scaling(s: dict[str, Any]) -> None:
         check_value("rope_scaling.original_max_position_embeddings", s["original_max_position_embeddings"], int, lo=1)
     if rtype in ("linear", "dynamic", "llama3") and not (isinstance(s.get("factor"), numbers.Real) and s["factor"] > 0):
         raise ConfigError(f"rope_scaling type {rtype!r} needs a positive factor, got {s.get('factor')!r}")
+    if rtype == "longrope":
+        for key in ("short_factor", "long_factor"):
+            v = s.get(key)
+            if not (isinstance(v, list) and v and all(isinstance(x, numbers.Real) and x > 0 for x in v)):
+                raise ConfigError(f"rope_scaling: longrope needs {key} as a list of positive numbers, got {v!r}")
+        if s.get("original_max_position_embeddings") is None:
+            raise ConfigError("rope_scaling: longrope needs original_max_position_embeddings")
     if rtype == "llama3":
         low, high = s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
         if not low < high:

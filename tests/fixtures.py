@@ -5,7 +5,14 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("llama", "llama3", "qwen2", "qwen3", "mistral", "gpt2")
+FAMILIES = ("llama", "llama3", "qwen2", "qwen3", "mistral", "phi3", "gpt2")
+HEAD_HALF = 8  # head_dim 16 / 2: the number of LongRoPE factors of the tiny phi3
+
+
+def longrope(orig: int = 64) -> dict:
+    """Phi-3's LongRoPE scaling with distinct short and long factors (len = head_dim / 2)."""
+    return {"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(HEAD_HALF)],
+            "long_factor": [1.5 + 0.4 * i for i in range(HEAD_HALF)], "original_max_position_embeddings": orig}
 
 
 def hf_config(family: str, vocab_size: int = 320, **over):
@@ -28,6 +35,10 @@ def hf_config(family: str, vocab_size: int = 320, **over):
         c = tf.Qwen3Config(**{**common, "head_dim": 32, **over})
     elif family == "mistral":
         c = tf.MistralConfig(**{**common, "sliding_window": 8, **over})
+    elif family == "phi3":  # fused qkv / gate_up weights, LongRoPE (attention factor != 1), a sliding window
+        kw = {**common, "rope_parameters": {"rope_theta": 10000.0, **longrope()},
+              "original_max_position_embeddings": 64, "sliding_window": 48}
+        c = tf.Phi3Config(**{**kw, **over})
     elif family == "gpt2":
         c = tf.GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=256,
                           bos_token_id=1, eos_token_id=2, **over)
@@ -44,7 +55,7 @@ def make_tiny_hf(family: str, out_dir: str | Path, seed: int = 0, dtype=torch.fl
     torch.manual_seed(seed)
     cfg = hf_config(family, vocab_size=vocab_size, **over)
     cls = {"gpt2": tf.GPT2LMHeadModel, "qwen2": tf.Qwen2ForCausalLM, "qwen3": tf.Qwen3ForCausalLM,
-           "mistral": tf.MistralForCausalLM}.get(family, tf.LlamaForCausalLM)
+           "mistral": tf.MistralForCausalLM, "phi3": tf.Phi3ForCausalLM}.get(family, tf.LlamaForCausalLM)
     model = cls(cfg).to(dtype).eval()
     # Random weights are tiny by default init; scale the norms so attention/logits are not all flat.
     with torch.no_grad():

@@ -91,9 +91,42 @@ def _canonical_to_gpt2(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _phi3_to_canonical(cfg: ModelConfig, name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """Phi-3 stores q|k|v as one `qkv_proj` and gate|up as one `gate_up_proj` (rows in that order)."""
+    if name.endswith("self_attn.qkv_proj.weight"):
+        pre = name.removesuffix("qkv_proj.weight")
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        if t.shape[0] != q + 2 * kv:
+            return [(name, t)]  # refused by the caller as unexpected, naming the tensor
+        return [(pre + f"{p}_proj.weight", x) for p, x in zip("qkv", t.split([q, kv, kv], dim=0))]
+    if name.endswith("mlp.gate_up_proj.weight"):
+        pre = name.removesuffix("gate_up_proj.weight")
+        if t.shape[0] != 2 * cfg.intermediate_size:
+            return [(name, t)]
+        gate, up = t.split(cfg.intermediate_size, dim=0)
+        return [(pre + "gate_proj.weight", gate), (pre + "up_proj.weight", up)]
+    return [(name, t)]
+
+
+def _canonical_to_phi3(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for name, t in sd.items():
+        if name.endswith("self_attn.q_proj.weight"):
+            pre = name.removesuffix("q_proj.weight")
+            out[pre + "qkv_proj.weight"] = torch.cat([sd[pre + f"{p}_proj.weight"] for p in "qkv"], dim=0)
+        elif name.endswith("mlp.gate_proj.weight"):
+            pre = name.removesuffix("gate_proj.weight")
+            out[pre + "gate_up_proj.weight"] = torch.cat([t, sd[pre + "up_proj.weight"]], dim=0)
+        elif not name.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight", "mlp.up_proj.weight")):
+            out[name] = t
+    return out
+
+
 def _to_canonical(cfg: ModelConfig, name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     if cfg.model_type == "gpt2":
         return _gpt2_to_canonical(name, t)
+    if cfg.model_type == "phi3":
+        return _phi3_to_canonical(cfg, name, t)
     return [(name, t)]
 
 
@@ -203,6 +236,8 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
         sd.pop("lm_head.weight", None)
     if model.config.model_type == "gpt2":
         sd = _canonical_to_gpt2(sd)
+    elif model.config.model_type == "phi3":
+        sd = _canonical_to_phi3(sd)
     return sd
 
 

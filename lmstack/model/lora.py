@@ -250,10 +250,12 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
     mods = lora_modules(model)
     if spec is None or not mods:
         raise ValueError("save_adapter: the model has no LoRA adapters (call apply_lora first)")
-    if getattr(getattr(model, "config", None), "model_type", "") == "gpt2":
-        # HF GPT-2 fuses q|k|v into one Conv1D (c_attn); lmstack's split Linear names do not exist there.
-        logger.warning("GPT-2 adapter saved under lmstack module names: lmstack loads and merges it "
-                       "(lmstack export), PEFT on transformers' GPT2LMHeadModel cannot")
+    mtype = getattr(getattr(model, "config", None), "model_type", "")
+    if mtype in ("gpt2", "phi3"):
+        # HF GPT-2 fuses q|k|v into one Conv1D (c_attn), Phi-3 into qkv_proj and gate|up into gate_up_proj;
+        # lmstack's split Linear names do not exist there.
+        logger.warning("%s adapter saved under lmstack module names: lmstack loads and merges it "
+                       "(lmstack export), PEFT on transformers' model cannot", mtype)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = adapter_state_dict(model)

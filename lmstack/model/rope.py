@@ -64,6 +64,22 @@ def _yarn_inv_freq(dim: int, theta: float, s: dict[str, Any], max_pos: int) -> t
     return inv, float(attn)
 
 
+def _longrope_inv_freq(dim: int, theta: float, s: dict[str, Any], max_pos: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                      float]:
+    """LongRoPE (Ding et al. 2024; Phi-3): per-frequency rescale factors, `short_factor` within the trained
+    context and `long_factor` beyond it, and attention scaled by sqrt(1 + ln(s) / ln(L_orig)) where
+    s = max_position_embeddings / L_orig (unless `factor` / `attention_factor` say otherwise)."""
+    orig = s["original_max_position_embeddings"]
+    factor = s.get("factor") or max_pos / orig
+    attn = s.get("attention_factor")
+    if attn is None:
+        attn = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+    base = theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    short = 1.0 / (torch.tensor(s["short_factor"], dtype=torch.float32) * base)
+    long = 1.0 / (torch.tensor(s["long_factor"], dtype=torch.float32) * base)
+    return short, long, float(attn)
+
+
 class RotaryEmbedding(torch.nn.Module):
     """Computes (cos, sin) for arbitrary per-token positions; the scaling type comes from rope_scaling."""
 
@@ -81,6 +97,9 @@ class RotaryEmbedding(torch.nn.Module):
             inv = llama3_inv_freq(inv, self.scaling)
         elif self.rope_type == "yarn":
             inv, self.attention_scaling = _yarn_inv_freq(head_dim, theta, self.scaling, max_pos)
+        elif self.rope_type == "longrope":
+            inv, long_inv, self.attention_scaling = _longrope_inv_freq(head_dim, theta, self.scaling, max_pos)
+            self.register_buffer("long_inv_freq", long_inv, persistent=False)
         self.register_buffer("inv_freq", inv, persistent=False)
 
     def _dynamic_inv_freq(self, seq_len: int) -> torch.Tensor:
@@ -97,6 +116,10 @@ class RotaryEmbedding(torch.nn.Module):
         inv = self.inv_freq
         if self.rope_type == "dynamic":
             inv = self._dynamic_inv_freq(int(positions.max()) + 1)
+        elif self.rope_type == "longrope" and int(positions.max()) + 1 > self.scaling["original_max_position_embeddings"]:
+            # as transformers decides, per forward: once the longest sequence in it passes the trained
+            # length, every token uses the long factors (so in a mixed batch a short sequence does too)
+            inv = self.long_inv_freq
         freqs = positions.to(torch.float32)[..., None] * inv.to(positions.device)  # (..., T, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, D): rotate_half pairing
         cos, sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
