@@ -40,6 +40,12 @@ def make_engine(model_dir: Path) -> LLM:
     return LLM(model_dir, dtype="float32", block_size=8, num_kv_blocks=1024, max_num_seqs=64)
 
 
+def free_port_for_tests() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class ServerThread:
     """uvicorn serving `app` on 127.0.0.1 (a free port) in a daemon thread."""
 

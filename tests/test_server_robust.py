@@ -310,3 +310,56 @@ def test_a_request_whose_processing_raises_fails_alone(model_dir):
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     finally:
         srv.stop()
+
+
+def test_half_sent_headers_are_cut_off(model_dir):
+    import uvicorn
+
+    from lmstack.engine.server import uvicorn_config
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn_config(build_app(_engine(model_dir), NAME), "127.0.0.1", port,
+                                           header_timeout_s=0.5))
+    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    t.start()
+    try:
+        while not server.started:
+            time.sleep(0.02)
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # and never the rest
+            assert s.recv(1024) == b""  # closed by the server, not left open
+        assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+    finally:
+        server.should_exit = True
+        t.join(10)
+        sock.close()
+
+
+def test_serve_exits_with_status_1_when_the_engine_cannot_go_on(model_dir, monkeypatch):
+    from lmstack.cli import build_parser
+    from tests.test_server import free_port_for_tests
+
+    def broken(self):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(LLM, "step", broken)
+    port = free_port_for_tests()
+    argv = ["serve", "--model", str(model_dir), "--port", str(port), "--dtype", "float32", "--num-kv-blocks", "64"]
+    args = build_parser(argv).parse_args(argv)
+    status = {}
+    t = threading.Thread(target=lambda: status.update(rc=args.func(args)), daemon=True)
+    t.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 4}, timeout=60)
+    assert r.status_code == 500
+    t.join(60)
+    assert status == {"rc": 1}

@@ -10,7 +10,7 @@ import argparse
 from typing import Any
 
 from lmstack.engine.serve.app import build_app
-from lmstack.engine.serve.limits import Limits
+from lmstack.engine.serve.limits import Limits, header_timeout_protocol
 from lmstack.engine.tool_parsers import PARSERS
 from lmstack.log import logger
 
@@ -60,6 +60,8 @@ def add_parser(subparsers: Any) -> None:
                    help="sequences that may wait beyond --max-num-seqs (429 with Retry-After above)")
     p.add_argument("--request-timeout", type=float, default=None, help="seconds a request may take (504 after)")
     p.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request body may take to arrive (408)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a new connection may take to send its request headers (then it is closed)")
     p.add_argument("--trust-request-chat-template", action="store_true",
                    help="accept a chat_template in requests (it is code the server runs; refused by default)")
     p.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
@@ -89,8 +91,7 @@ def run(args: argparse.Namespace) -> int:
                     tool_call_parser=args.tool_call_parser, limits=limits)
     logger.info("serving %s as %r on http://%s:%d/v1 (max_model_len %d)", args.model, name, args.host, args.port,
                 llm.max_model_len)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, access_log=args.access_log,
-                                           log_level="info" if args.access_log else "warning"))
+    server = uvicorn.Server(uvicorn_config(app, args.host, args.port, args.access_log, args.header_timeout))
     # an engine that cannot go on stops the server, and the exit status says so: a supervisor restarts it
     app.state.async_engine.on_fatal = lambda: setattr(server, "should_exit", True)
     server.run()
@@ -98,6 +99,16 @@ def run(args: argparse.Namespace) -> int:
         logger.error("the engine stopped (%r); exiting with status 1", app.state.async_engine.error)
         return 1
     return 0
+
+
+def uvicorn_config(app: Any, host: str, port: int, access_log: bool = False, header_timeout_s: float = 10.0) -> Any:
+    """uvicorn's settings for `lmstack serve`: a deadline for request headers (limits.header_timeout_protocol),
+    idle keep-alive connections closed after 5 s, the access log on request."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, access_log=access_log, timeout_keep_alive=5,
+                          http=header_timeout_protocol(header_timeout_s),
+                          log_level="info" if access_log else "warning")
 
 
 def read_api_key(args: argparse.Namespace) -> str | None:

@@ -95,3 +95,25 @@ async def _reply(send: Any, status: int, message: str, code: str) -> None:
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
+
+
+def header_timeout_protocol(timeout_s: float) -> type:
+    """uvicorn's HTTP protocol class (the one it would pick) with a deadline for a new connection's first
+    request headers: uvicorn has none, so a client that opens connections and sends half a header line
+    would hold each forever. Past the deadline with no request started, the connection is closed."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._header_timer = self.loop.call_later(timeout_s, self._headers_too_slow)
+
+        def _headers_too_slow(self) -> None:
+            if self.cycle is None and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._header_timer.cancel()
+            super().connection_lost(exc)
+
+    return HeaderDeadline
